@@ -1,0 +1,466 @@
+//! memtrace's eBPF programs: allocator uprobes and the process-exit tracepoint.
+//!
+//! The kernel side records facts and nothing more: an entry probe stashes the
+//! call's arguments in a per-thread stack of calls in flight, the return probe
+//! takes them back and writes one [`AllocRecord`] with the caller's user stack,
+//! `free` writes one [`FreeRecord`]. No aggregation, no filtering by size, no
+//! formatting: user space does all of that.
+//!
+//! Nesting: glibc's `realloc(NULL, n)`, `aligned_alloc`, `posix_memalign`,
+//! `memalign` and libstdc++'s `operator new` call the traced `malloc` (and
+//! `realloc(p, 0)` calls `free`) from inside a traced call. Only the outermost
+//! call of a thread emits a record; calls nested in it are pushed (so their
+//! returns pair up) but emit nothing. Entries are matched to returns by stack
+//! pointer, so an entry whose call never returned (longjmp) is found and
+//! dropped instead of corrupting the thread's state.
+//!
+//! Every loss is counted in [`COUNTERS`], indexed by [`Counter`].
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_F_USER_STACK,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{map, raw_tracepoint, uprobe, uretprobe},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
+};
+use memtrace_common::{
+    AllocFn, AllocRecord, COUNTERS, Counter, EVENT_ABI, FreeRecord, Header, Inflight,
+    InflightStack, MAX_FRAMES, MAX_NEST, RecordKind,
+};
+
+/// memtrace's own process id: its allocations are never traced (in
+/// system-wide mode they would feed back into the ring buffer).
+#[unsafe(no_mangle)]
+static SELF_TGID: u32 = 0;
+
+/// Set by the loader so it can refuse an object built from other sources.
+#[unsafe(no_mangle)]
+static ABI_VERSION: u16 = EVENT_ABI;
+
+/// Records to user space. The loader sets the size (`--ringbuf-size`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+
+/// Calls in flight, per thread id. An entry exists only while a thread is
+/// inside a traced call.
+#[map]
+static INFLIGHT: HashMap<u32, InflightStack> = HashMap::with_max_entries(16384, 0);
+
+/// Per-CPU room to build an [`AllocRecord`] (too large for the BPF stack).
+#[map]
+static SCRATCH: PerCpuArray<AllocRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Loss and load counters, one slot per [`Counter`].
+#[map]
+static COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
+
+#[inline(always)]
+fn count(c: Counter) {
+    if let Some(slot) = COUNTS.get_ptr_mut(c as u32) {
+        // SAFETY: the pointer comes from the map and is this CPU's own slot.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn self_tgid() -> u32 {
+    // SAFETY: a read of a global the loader set before load; volatile so the
+    // compiler does not fold the zero it was compiled with.
+    unsafe { core::ptr::read_volatile(&SELF_TGID) }
+}
+
+/// The stack pointer of the probed context.
+#[inline(always)]
+fn sp_of<C: EbpfContext>(ctx: &C) -> u64 {
+    let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+    // SAFETY: uprobe and uretprobe contexts are `pt_regs`.
+    unsafe { (*regs).rsp }
+}
+
+/// The in-flight slot `i`, through constant offsets only.
+#[inline(always)]
+fn slot_mut(st: &mut InflightStack, i: usize) -> Option<&mut Inflight> {
+    match i {
+        0 => Some(&mut st.calls[0]),
+        1 => Some(&mut st.calls[1]),
+        2 => Some(&mut st.calls[2]),
+        3 => Some(&mut st.calls[3]),
+        _ => None,
+    }
+}
+
+/// Entry of an allocator function: push the call on the thread's stack.
+#[inline(always)]
+fn on_entry(ctx: &ProbeContext, func: AllocFn, size: u64, arg: u64) -> u32 {
+    count(Counter::Calls);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == self_tgid() {
+        return 0;
+    }
+    let tid = pid_tgid as u32;
+    let sp = sp_of(ctx);
+    let st = match INFLIGHT.get_ptr_mut(&tid) {
+        Some(st) => st,
+        None => {
+            if INFLIGHT.insert(&tid, &InflightStack::default(), 0).is_err() {
+                count(Counter::InflightFull);
+                return 0;
+            }
+            match INFLIGHT.get_ptr_mut(&tid) {
+                Some(st) => st,
+                None => return 0,
+            }
+        }
+    };
+    // SAFETY: `st` points into the map value of this thread, which only this
+    // thread touches.
+    let st = unsafe { &mut *st };
+    let mut depth = st.depth as usize;
+    if depth > MAX_NEST {
+        depth = MAX_NEST;
+    }
+    // A live outer call sits higher on the stack (larger sp). Entries at or
+    // below this call's sp belong to calls that never returned through us.
+    // Indices are constants (the loop unrolls) so the verifier sees every
+    // access is in bounds.
+    for i in (0..MAX_NEST).rev() {
+        if i + 1 == depth && st.calls[i].sp <= sp {
+            depth = i;
+            count(Counter::StaleInflight);
+        }
+    }
+    let Some(slot) = slot_mut(st, depth) else {
+        st.depth = depth as u64;
+        count(Counter::InflightFull);
+        return 0;
+    };
+    *slot = Inflight {
+        sp,
+        size,
+        arg,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        func: func as u16,
+        nested: (depth > 0) as u16,
+        _pad: 0,
+    };
+    st.depth = depth as u64 + 1;
+    0
+}
+
+/// Return of an allocator function: pop the matching entry and, for an
+/// outermost call that allocated (or a realloc that freed), emit a record.
+#[inline(always)]
+fn on_return(ctx: &RetProbeContext, func: AllocFn) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == self_tgid() {
+        return 0;
+    }
+    let tid = pid_tgid as u32;
+    let ret: u64 = ctx.ret();
+    let sp = sp_of(ctx);
+    let Some(st) = INFLIGHT.get_ptr_mut(&tid) else {
+        count(Counter::ReturnWithoutEntry);
+        return 0;
+    };
+    // SAFETY: as in `on_entry`.
+    let st = unsafe { &mut *st };
+    let mut depth = st.depth as usize;
+    if depth > MAX_NEST {
+        depth = MAX_NEST;
+    }
+    let mut found: Option<Inflight> = None;
+    for i in (0..MAX_NEST).rev() {
+        if found.is_none() && i + 1 == depth {
+            let c = st.calls[i];
+            // `ret` popped the return address: sp is 8 above the entry's.
+            if c.sp + 8 == sp {
+                found = Some(c);
+                depth = i;
+            } else if c.sp + 8 < sp {
+                depth = i;
+                count(Counter::StaleInflight);
+            }
+        }
+    }
+    if depth == 0 {
+        let _ = INFLIGHT.remove(&tid);
+    } else {
+        st.depth = depth as u64;
+    }
+    let Some(call) = found else {
+        count(Counter::ReturnWithoutEntry);
+        return 0;
+    };
+    if call.nested != 0 || call.func != func as u16 {
+        return 0;
+    }
+
+    let (addr, old_addr) = match func {
+        AllocFn::PosixMemalign => {
+            // Returns 0 on success and stores the pointer through its first
+            // argument.
+            if ret as u32 != 0 {
+                return 0;
+            }
+            // SAFETY: reads user memory through a checked helper.
+            match unsafe { bpf_probe_read_user(call.arg as *const u64) } {
+                Ok(p) => (p, 0),
+                Err(_) => {
+                    count(Counter::ReturnWithoutEntry);
+                    return 0;
+                }
+            }
+        }
+        AllocFn::Realloc | AllocFn::Reallocarray => (ret, call.arg),
+        _ => (ret, 0),
+    };
+    // NULL is a failed allocation, except realloc(p, 0), which freed p.
+    if addr == 0 && !(old_addr != 0 && call.size == 0) {
+        return 0;
+    }
+    emit_alloc(ctx, tgid, tid, addr, old_addr, &call);
+    0
+}
+
+#[inline(always)]
+fn emit_alloc(
+    ctx: &RetProbeContext,
+    tgid: u32,
+    tid: u32,
+    addr: u64,
+    old_addr: u64,
+    call: &Inflight,
+) {
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot; programs do not migrate mid-run.
+    let rec = unsafe { &mut *rec };
+    rec.header = Header {
+        version: EVENT_ABI,
+        kind: RecordKind::Alloc as u16,
+        tgid,
+        tid,
+        _reserved: 0,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    rec.addr = addr;
+    rec.size = call.size;
+    rec.old_addr = old_addr;
+    rec.entry_ts_ns = call.ts_ns;
+    rec.func = call.func;
+    // At the return probe the registers are the caller's: the first frame is
+    // the return address into the caller, and its frame chain is intact.
+    // SAFETY: the buffer is `frames`, of the size passed.
+    let got = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            rec.frames.as_mut_ptr().cast(),
+            (MAX_FRAMES * 8) as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    let mut bytes = 0usize;
+    if got > 0 {
+        bytes = got as usize & 0x7f8;
+        if bytes > MAX_FRAMES * 8 {
+            bytes = MAX_FRAMES * 8;
+        }
+        rec.stack_err = 0;
+    } else {
+        rec.stack_err = got as i32;
+        count(Counter::StackLost);
+    }
+    rec.nframes = (bytes / 8) as u16;
+    let len = AllocRecord::FIXED_LEN + bytes;
+    // SAFETY: `len` never exceeds the record's size.
+    let data =
+        unsafe { core::slice::from_raw_parts((rec as *const AllocRecord).cast::<u8>(), len) };
+    if EVENTS.output::<[u8]>(data, 0).is_err() {
+        count(Counter::RingbufFull);
+    }
+}
+
+/// Writes one fixed-size record, counting a full ring buffer.
+#[inline(always)]
+fn submit<T: 'static>(fill: impl FnOnce(&mut T)) {
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            // SAFETY: `fill` writes every field before the entry is submitted.
+            fill(unsafe { &mut *entry.as_mut_ptr() });
+            entry.submit(0);
+        }
+        None => count(Counter::RingbufFull),
+    }
+}
+
+fn header(kind: RecordKind, pid_tgid: u64) -> Header {
+    Header {
+        version: EVENT_ABI,
+        kind: kind as u16,
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        _reserved: 0,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+/// `free(ptr)`: one record, unless the call is nested in a traced call
+/// (`realloc(p, 0)` frees through `free`; its own record says so).
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    count(Counter::Calls);
+    let addr: u64 = ctx.arg(0).unwrap_or(0);
+    if addr == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == self_tgid() {
+        return 0;
+    }
+    let tid = pid_tgid as u32;
+    let sp = sp_of(&ctx);
+    // SAFETY: read-only look at this thread's own entry.
+    if let Some(st) = unsafe { INFLIGHT.get(&tid) } {
+        for i in 0..MAX_NEST {
+            if (i as u64) < st.depth && st.calls[i].sp > sp {
+                return 0;
+            }
+        }
+    }
+    submit::<FreeRecord>(|r| {
+        r.header = header(RecordKind::Free, pid_tgid);
+        r.addr = addr;
+    });
+    0
+}
+
+/// The last thread of a process exited (`group_dead`): its accounting closes.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn process_exit(ctx: RawTracePointContext) -> u32 {
+    // TP_PROTO(struct task_struct *p, bool group_dead)
+    let group_dead: u64 = ctx.arg(1);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if group_dead & 0xff == 0 || (pid_tgid >> 32) as u32 == self_tgid() {
+        return 0;
+    }
+    submit::<Header>(|h| *h = header(RecordKind::Exit, pid_tgid));
+    0
+}
+
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+#[uprobe]
+pub fn malloc_enter(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx, AllocFn::Malloc, arg(&ctx, 0), 0)
+}
+#[uretprobe]
+pub fn malloc_exit(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx, AllocFn::Malloc)
+}
+
+#[uprobe]
+pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+    let size = arg(&ctx, 0).wrapping_mul(arg(&ctx, 1));
+    on_entry(&ctx, AllocFn::Calloc, size, 0)
+}
+#[uretprobe]
+pub fn calloc_exit(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx, AllocFn::Calloc)
+}
+
+#[uprobe]
+pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx, AllocFn::Realloc, arg(&ctx, 1), arg(&ctx, 0))
+}
+#[uretprobe]
+pub fn realloc_exit(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx, AllocFn::Realloc)
+}
+
+#[uprobe]
+pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+    let size = arg(&ctx, 1).wrapping_mul(arg(&ctx, 2));
+    on_entry(&ctx, AllocFn::Reallocarray, size, arg(&ctx, 0))
+}
+#[uretprobe]
+pub fn reallocarray_exit(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx, AllocFn::Reallocarray)
+}
+
+#[uprobe]
+pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx, AllocFn::PosixMemalign, arg(&ctx, 2), arg(&ctx, 0))
+}
+#[uretprobe]
+pub fn posix_memalign_exit(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx, AllocFn::PosixMemalign)
+}
+
+#[uprobe]
+pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx, AllocFn::AlignedAlloc, arg(&ctx, 1), 0)
+}
+#[uretprobe]
+pub fn aligned_alloc_exit(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx, AllocFn::AlignedAlloc)
+}
+
+#[uprobe]
+pub fn memalign_enter(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx, AllocFn::Memalign, arg(&ctx, 1), 0)
+}
+#[uretprobe]
+pub fn memalign_exit(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx, AllocFn::Memalign)
+}
+
+#[uprobe]
+pub fn valloc_enter(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx, AllocFn::Valloc, arg(&ctx, 0), 0)
+}
+#[uretprobe]
+pub fn valloc_exit(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx, AllocFn::Valloc)
+}
+
+#[uprobe]
+pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx, AllocFn::Pvalloc, arg(&ctx, 0), 0)
+}
+#[uretprobe]
+pub fn pvalloc_exit(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx, AllocFn::Pvalloc)
+}
+
+/// Every `operator new` variant takes the size first.
+#[uprobe]
+pub fn operator_new_enter(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx, AllocFn::OperatorNew, arg(&ctx, 0), 0)
+}
+#[uretprobe]
+pub fn operator_new_exit(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx, AllocFn::OperatorNew)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a program the verifier accepted: it rejects any path
+    // that reaches a call to an unknown function.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

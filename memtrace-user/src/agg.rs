@@ -1,0 +1,515 @@
+//! The aggregator: [`Event`]s in, per-process and per-stack accounting out.
+//!
+//! Pure by design: no clock, no `/proc`, no BPF, no threads. Time comes from
+//! the events' timestamps or from the caller, so every report can be
+//! reproduced from a sequence of events, and tests need no root.
+//!
+//! What it keeps, per process instance (a pid plus its lifetime; a pid seen
+//! again after its exit starts a new instance):
+//! - every live block: address → size, stack, allocation time;
+//! - per distinct stack (interned raw return addresses): live, total and
+//!   freed bytes and counts;
+//! - what it could not attribute: frees of addresses it never saw allocated
+//!   (allocated before tracing began, double frees, lost records) and blocks
+//!   handed out again before their free was seen.
+//!
+//! It does not symbolize, filter stacks for display or sort: see `report`.
+
+use std::collections::HashMap;
+
+use crate::event::{Alloc, Event};
+
+/// Index of an interned stack within its process.
+pub type StackId = u32;
+
+/// Marks a block outside the size filter: remembered, so its free is known,
+/// but counted nowhere.
+const FILTERED: StackId = StackId::MAX;
+
+/// Which allocations count (`--min-size`, `--max-size`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SizeFilter {
+    /// Smallest size that counts.
+    pub min: u64,
+    /// Largest size that counts.
+    pub max: u64,
+}
+
+impl Default for SizeFilter {
+    fn default() -> Self {
+        Self {
+            min: 0,
+            max: u64::MAX,
+        }
+    }
+}
+
+impl SizeFilter {
+    fn admits(&self, size: u64) -> bool {
+        (self.min..=self.max).contains(&size)
+    }
+}
+
+/// Byte and block counts of one stack or one process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes allocated and not yet freed.
+    pub live_bytes: u64,
+    /// Blocks allocated and not yet freed.
+    pub live_count: u64,
+    /// Bytes allocated since tracing began.
+    pub total_bytes: u64,
+    /// Blocks allocated since tracing began.
+    pub total_count: u64,
+    /// Bytes freed (of blocks allocated while traced).
+    pub freed_bytes: u64,
+    /// Blocks freed (of blocks allocated while traced).
+    pub freed_count: u64,
+}
+
+impl Stats {
+    fn alloc(&mut self, size: u64) {
+        self.live_bytes += size;
+        self.live_count += 1;
+        self.total_bytes += size;
+        self.total_count += 1;
+    }
+
+    fn free(&mut self, size: u64) {
+        self.live_bytes -= size;
+        self.live_count -= 1;
+        self.freed_bytes += size;
+        self.freed_count += 1;
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    size: u64,
+    stack: StackId,
+    ts_ns: u64,
+}
+
+/// One stack of a process and its accounting.
+#[derive(Debug)]
+pub struct StackStats {
+    /// Raw user return addresses, innermost first.
+    pub frames: Box<[u64]>,
+    /// Its accounting.
+    pub stats: Stats,
+}
+
+/// Accounting of one process instance.
+#[derive(Debug)]
+pub struct Process {
+    /// Process id.
+    pub pid: u32,
+    /// Time of its first event.
+    pub first_ts_ns: u64,
+    /// Time of its exit, once seen.
+    pub exit_ts_ns: Option<u64>,
+    /// Whole-process accounting (allocations inside the size filter).
+    pub totals: Stats,
+    /// Frees of addresses not known to be live.
+    pub unknown_frees: u64,
+    /// Blocks handed out again by the allocator before their free was seen.
+    pub missed_frees: u64,
+    live: HashMap<u64, Block>,
+    stacks: Vec<StackStats>,
+    stack_ids: HashMap<Box<[u64]>, StackId>,
+}
+
+impl Process {
+    fn new(pid: u32, ts_ns: u64) -> Self {
+        Self {
+            pid,
+            first_ts_ns: ts_ns,
+            exit_ts_ns: None,
+            totals: Stats::default(),
+            unknown_frees: 0,
+            missed_frees: 0,
+            live: HashMap::new(),
+            stacks: Vec::new(),
+            stack_ids: HashMap::new(),
+        }
+    }
+
+    /// Every stack seen, indexed by [`StackId`].
+    pub fn stacks(&self) -> &[StackStats] {
+        &self.stacks
+    }
+
+    /// Live bytes and counts per stack for blocks allocated at or before
+    /// `cutoff_ns` only (`--older-than`); other fields are zero.
+    pub fn live_older_than(&self, cutoff_ns: u64) -> HashMap<StackId, Stats> {
+        let mut out: HashMap<StackId, Stats> = HashMap::new();
+        for b in self.live.values() {
+            if b.stack != FILTERED && b.ts_ns <= cutoff_ns {
+                let s = out.entry(b.stack).or_default();
+                s.live_bytes += b.size;
+                s.live_count += 1;
+            }
+        }
+        out
+    }
+
+    fn intern(&mut self, frames: &[u64]) -> (StackId, bool) {
+        if let Some(&id) = self.stack_ids.get(frames) {
+            return (id, false);
+        }
+        let id = self.stacks.len() as StackId;
+        let frames: Box<[u64]> = frames.into();
+        self.stacks.push(StackStats {
+            frames: frames.clone(),
+            stats: Stats::default(),
+        });
+        self.stack_ids.insert(frames, id);
+        (id, true)
+    }
+
+    fn release(&mut self, block: Block) {
+        if block.stack != FILTERED {
+            self.totals.free(block.size);
+            self.stacks[block.stack as usize].stats.free(block.size);
+        }
+    }
+
+    fn free(&mut self, addr: u64) {
+        match self.live.remove(&addr) {
+            Some(block) => self.release(block),
+            None => self.unknown_frees += 1,
+        }
+    }
+
+    fn alloc(&mut self, a: &Alloc, filter: &SizeFilter) -> Option<StackId> {
+        if let Some(old) = a.old_addr {
+            match self.live.get(&old) {
+                // A block at `old` allocated after this realloc began belongs
+                // to another thread: the allocator handed `old` out again
+                // after the realloc released it, and that allocation's
+                // record overtook ours. Its arrival already released our old
+                // block and counted a missed free, which this explains.
+                Some(b) if b.ts_ns > a.entry_ts_ns && old != a.addr => {
+                    self.missed_frees = self.missed_frees.saturating_sub(1);
+                }
+                _ => self.free(old),
+            }
+        }
+        if let Some(prev) = self.live.remove(&a.addr) {
+            self.missed_frees += 1;
+            self.release(prev);
+        }
+        let (stack, new) = if filter.admits(a.size) {
+            let (id, new) = self.intern(&a.stack);
+            self.totals.alloc(a.size);
+            self.stacks[id as usize].stats.alloc(a.size);
+            (id, new)
+        } else {
+            (FILTERED, false)
+        };
+        self.live.insert(
+            a.addr,
+            Block {
+                size: a.size,
+                stack,
+                ts_ns: a.ts_ns,
+            },
+        );
+        new.then_some(stack)
+    }
+}
+
+/// A stack seen for the first time: the moment to resolve its addresses,
+/// while the process is still alive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewStack {
+    /// Process id.
+    pub pid: u32,
+    /// The stack within the process.
+    pub stack: StackId,
+}
+
+/// All processes' accounting.
+#[derive(Debug, Default)]
+pub struct Aggregator {
+    filter: SizeFilter,
+    running: HashMap<u32, Process>,
+    exited: Vec<Process>,
+    first_ts_ns: Option<u64>,
+    last_ts_ns: u64,
+}
+
+impl Aggregator {
+    /// An empty aggregator that counts allocations admitted by `filter`.
+    pub fn new(filter: SizeFilter) -> Self {
+        Self {
+            filter,
+            ..Self::default()
+        }
+    }
+
+    /// Applies one event. Returns the stack it interned, if it is new.
+    pub fn on_event(&mut self, event: &Event) -> Option<NewStack> {
+        let ts = match event {
+            Event::Alloc(a) => a.ts_ns,
+            Event::Free { ts_ns, .. } | Event::Exit { ts_ns, .. } => *ts_ns,
+        };
+        self.first_ts_ns.get_or_insert(ts);
+        self.last_ts_ns = self.last_ts_ns.max(ts);
+        match event {
+            Event::Alloc(a) => {
+                let filter = self.filter;
+                let stack = self.process(a.pid, ts).alloc(a, &filter)?;
+                Some(NewStack { pid: a.pid, stack })
+            }
+            Event::Free { pid, addr, .. } => {
+                self.process(*pid, ts).free(*addr);
+                None
+            }
+            Event::Exit { pid, ts_ns } => {
+                if let Some(mut p) = self.running.remove(pid) {
+                    p.exit_ts_ns = Some(*ts_ns);
+                    self.exited.push(p);
+                }
+                None
+            }
+        }
+    }
+
+    fn process(&mut self, pid: u32, ts: u64) -> &mut Process {
+        self.running
+            .entry(pid)
+            .or_insert_with(|| Process::new(pid, ts))
+    }
+
+    /// The running process instance with this pid.
+    pub fn running(&self, pid: u32) -> Option<&Process> {
+        self.running.get(&pid)
+    }
+
+    /// Every process instance, running and exited.
+    pub fn processes(&self) -> impl Iterator<Item = &Process> {
+        self.exited.iter().chain(self.running.values())
+    }
+
+    /// Whether the process with this pid has exited (and not come back).
+    pub fn has_exited(&self, pid: u32) -> bool {
+        !self.running.contains_key(&pid) && self.exited.iter().any(|p| p.pid == pid)
+    }
+
+    /// Timestamps of the first and last events.
+    pub fn span_ns(&self) -> Option<(u64, u64)> {
+        self.first_ts_ns.map(|f| (f, self.last_ts_ns))
+    }
+
+    /// Unknown frees summed over all processes.
+    pub fn unknown_frees(&self) -> u64 {
+        self.processes().map(|p| p.unknown_frees).sum()
+    }
+
+    /// Missed frees summed over all processes.
+    pub fn missed_frees(&self) -> u64 {
+        self.processes().map(|p| p.missed_frees).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memtrace_common::AllocFn;
+
+    const PID: u32 = 100;
+
+    fn malloc(ts: u64, addr: u64, size: u64, stack: &[u64]) -> Event {
+        Event::Alloc(Alloc {
+            pid: PID,
+            tid: PID,
+            ts_ns: ts,
+            entry_ts_ns: ts - 1,
+            addr,
+            size,
+            func: AllocFn::Malloc,
+            old_addr: None,
+            stack: stack.to_vec(),
+        })
+    }
+
+    fn realloc(ts: u64, old: u64, addr: u64, size: u64, stack: &[u64]) -> Event {
+        Event::Alloc(Alloc {
+            pid: PID,
+            tid: PID,
+            ts_ns: ts,
+            entry_ts_ns: ts - 5,
+            addr,
+            size,
+            func: AllocFn::Realloc,
+            old_addr: Some(old),
+            stack: stack.to_vec(),
+        })
+    }
+
+    fn free(ts: u64, addr: u64) -> Event {
+        Event::Free {
+            pid: PID,
+            ts_ns: ts,
+            addr,
+        }
+    }
+
+    fn run(events: &[Event]) -> Aggregator {
+        let mut agg = Aggregator::new(SizeFilter::default());
+        for e in events {
+            agg.on_event(e);
+        }
+        agg
+    }
+
+    fn stats(live_bytes: u64, live_count: u64, total_bytes: u64, total_count: u64) -> Stats {
+        Stats {
+            live_bytes,
+            live_count,
+            total_bytes,
+            total_count,
+            freed_bytes: total_bytes - live_bytes,
+            freed_count: total_count - live_count,
+        }
+    }
+
+    #[test]
+    fn allocations_and_frees_per_stack() {
+        let agg = run(&[
+            malloc(10, 0xa, 100, &[1, 2]),
+            malloc(11, 0xb, 50, &[1, 2]),
+            malloc(12, 0xc, 7, &[3]),
+            free(13, 0xa),
+        ]);
+        let p = agg.running(PID).unwrap();
+        assert_eq!(p.stacks().len(), 2);
+        assert_eq!(p.stacks()[0].stats, stats(50, 1, 150, 2));
+        assert_eq!(p.stacks()[1].stats, stats(7, 1, 7, 1));
+        assert_eq!(p.totals, stats(57, 2, 157, 3));
+        assert_eq!(p.unknown_frees, 0);
+    }
+
+    #[test]
+    fn realloc_chain_moves_bytes_between_stacks() {
+        let agg = run(&[
+            malloc(10, 0xa, 100, &[1]),
+            realloc(20, 0xa, 0xb, 300, &[2]),
+            realloc(30, 0xb, 0xb, 400, &[3]),
+            realloc(40, 0xb, 0xc, 10, &[3]),
+        ]);
+        let p = agg.running(PID).unwrap();
+        assert_eq!(p.stacks()[0].stats, stats(0, 0, 100, 1));
+        assert_eq!(p.stacks()[1].stats, stats(0, 0, 300, 1));
+        assert_eq!(p.stacks()[2].stats, stats(10, 1, 410, 2));
+        assert_eq!(p.totals, stats(10, 1, 810, 4));
+        assert_eq!((p.unknown_frees, p.missed_frees), (0, 0));
+    }
+
+    #[test]
+    fn free_of_unknown_pointer_and_double_free_are_counted() {
+        let agg = run(&[
+            free(5, 0xdead),
+            malloc(10, 0xa, 8, &[1]),
+            free(11, 0xa),
+            free(12, 0xa),
+        ]);
+        let p = agg.running(PID).unwrap();
+        assert_eq!(p.unknown_frees, 2);
+        assert_eq!(p.totals, stats(0, 0, 8, 1));
+        assert_eq!(agg.unknown_frees(), 2);
+    }
+
+    #[test]
+    fn realloc_of_a_block_from_before_tracing_counts_an_unknown_free() {
+        let agg = run(&[realloc(20, 0x77, 0xb, 30, &[2])]);
+        let p = agg.running(PID).unwrap();
+        assert_eq!(p.unknown_frees, 1);
+        assert_eq!(p.totals, stats(30, 1, 30, 1));
+    }
+
+    #[test]
+    fn overtaken_realloc_is_reconciled() {
+        // Thread A reallocs 0xa → 0xb; inside it the allocator frees 0xa and
+        // thread B gets 0xa, and B's record arrives before A's.
+        let mut b_alloc = malloc(18, 0xa, 64, &[9]);
+        if let Event::Alloc(a) = &mut b_alloc {
+            a.tid = PID + 1;
+        }
+        let agg = run(&[
+            malloc(10, 0xa, 100, &[1]),
+            b_alloc,
+            realloc(20, 0xa, 0xb, 300, &[2]), // entered at 15
+        ]);
+        let p = agg.running(PID).unwrap();
+        assert_eq!(p.missed_frees, 0);
+        assert_eq!(p.unknown_frees, 0);
+        assert_eq!(p.stacks()[0].stats, stats(0, 0, 100, 1));
+        assert_eq!(p.stacks()[1].stats, stats(64, 1, 64, 1));
+        assert_eq!(p.stacks()[2].stats, stats(300, 1, 300, 1));
+    }
+
+    #[test]
+    fn address_reused_without_a_free_is_a_missed_free() {
+        let agg = run(&[malloc(10, 0xa, 100, &[1]), malloc(20, 0xa, 5, &[2])]);
+        let p = agg.running(PID).unwrap();
+        assert_eq!(p.missed_frees, 1);
+        assert_eq!(p.totals, stats(5, 1, 105, 2));
+    }
+
+    #[test]
+    fn exit_closes_the_instance_and_a_reused_pid_starts_anew() {
+        let mut agg = run(&[
+            malloc(10, 0xa, 100, &[1]),
+            Event::Exit {
+                pid: PID,
+                ts_ns: 50,
+            },
+        ]);
+        assert!(agg.has_exited(PID));
+        agg.on_event(&malloc(60, 0xa, 3, &[1]));
+        assert!(!agg.has_exited(PID));
+        let all: Vec<_> = agg.processes().collect();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].exit_ts_ns, Some(50));
+        assert_eq!(all[0].totals.live_bytes, 100);
+        assert_eq!(all[1].totals.live_bytes, 3);
+        assert_eq!(all[1].missed_frees, 0);
+    }
+
+    #[test]
+    fn size_filter_counts_nothing_outside_but_knows_its_frees() {
+        let mut agg = Aggregator::new(SizeFilter { min: 10, max: 100 });
+        for e in [
+            malloc(10, 0xa, 5, &[1]),
+            malloc(11, 0xb, 50, &[2]),
+            malloc(12, 0xc, 500, &[3]),
+            free(13, 0xa),
+            free(14, 0xc),
+        ] {
+            agg.on_event(&e);
+        }
+        let p = agg.running(PID).unwrap();
+        assert_eq!(p.totals, stats(50, 1, 50, 1));
+        assert_eq!(p.unknown_frees, 0);
+        assert_eq!(p.stacks().len(), 1);
+    }
+
+    #[test]
+    fn older_than_keeps_only_old_blocks() {
+        let agg = run(&[malloc(10, 0xa, 100, &[1]), malloc(50, 0xb, 7, &[1])]);
+        let old = agg.running(PID).unwrap().live_older_than(20);
+        assert_eq!(old[&0].live_bytes, 100);
+        assert_eq!(old[&0].live_count, 1);
+    }
+
+    #[test]
+    fn new_stacks_are_announced_once() {
+        let mut agg = Aggregator::new(SizeFilter::default());
+        let first = agg.on_event(&malloc(10, 0xa, 1, &[1]));
+        let again = agg.on_event(&malloc(11, 0xb, 1, &[1]));
+        assert_eq!(first, Some(NewStack { pid: PID, stack: 0 }));
+        assert_eq!(again, None);
+    }
+}

@@ -1,0 +1,344 @@
+//! Where to probe: the allocator libraries each target maps, and the file
+//! offsets of their allocator functions.
+//!
+//! Libraries are found in the targets' own `/proc/PID/maps` and named through
+//! `/proc/PID/root` when the target lives in another mount namespace, so a
+//! container's libc is probed, not only the host's. Functions are found in
+//! the ELF symbol tables and deduplicated by file offset: glibc's `malloc`
+//! and `__libc_malloc`, `aligned_alloc` and `memalign` are the same code, and
+//! probing an address twice would count every call twice.
+//!
+//! This module reads files and `/proc`; it does not talk to the kernel's BPF
+//! side (see `load`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use memtrace_common::AllocFn;
+use object::{Object, ObjectSegment, ObjectSymbol};
+
+use crate::error::{Result, UserError};
+use crate::maps::{self, Mapping};
+
+/// Which allocator a library provides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LibKind {
+    /// The C library (glibc's naming).
+    Libc,
+    /// The GNU C++ runtime (`operator new`).
+    Libstdcxx,
+}
+
+impl LibKind {
+    /// The kind of library a file name is, if any.
+    pub fn of_file_name(name: &str) -> Option<Self> {
+        let name = name.strip_suffix(" (deleted)").unwrap_or(name);
+        if name == "libc.so.6" || name == "libc.so" || is_versioned(name, "libc-") {
+            Some(Self::Libc)
+        } else if name.starts_with("libstdc++.so") {
+            Some(Self::Libstdcxx)
+        } else {
+            None
+        }
+    }
+}
+
+/// `libc-2.31.so` style names.
+fn is_versioned(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_suffix(".so"))
+        .is_some_and(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+}
+
+/// A library to probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Library {
+    /// What it provides.
+    pub kind: LibKind,
+    /// Path memtrace opens (and hands the kernel): through
+    /// `/proc/PID/root` for processes in another mount namespace.
+    pub path: PathBuf,
+    /// Path as the target sees it.
+    pub display: String,
+    /// Device and inode, which identify the file across namespaces.
+    pub id: (String, u64),
+}
+
+/// The allocator libraries among a process's mappings, one per file.
+pub fn libraries_in(pid: u32, maps: &[Mapping]) -> Vec<Library> {
+    let root_differs = std::fs::read_link(format!("/proc/{pid}/root"))
+        .map(|p| p != Path::new("/"))
+        .unwrap_or(false);
+    let mut out: Vec<Library> = Vec::new();
+    for m in maps {
+        let name = m.path.rsplit('/').next().unwrap_or(&m.path);
+        let Some(kind) = LibKind::of_file_name(name) else {
+            continue;
+        };
+        let id = (m.dev.clone(), m.inode);
+        if out.iter().any(|l| l.id == id) {
+            continue;
+        }
+        let path = if root_differs {
+            PathBuf::from(format!("/proc/{pid}/root{}", m.path))
+        } else {
+            PathBuf::from(&m.path)
+        };
+        out.push(Library {
+            kind,
+            path,
+            display: m.path.clone(),
+            id,
+        });
+    }
+    out
+}
+
+/// The allocator libraries of a running process.
+pub fn libraries_of(pid: u32) -> std::io::Result<Vec<Library>> {
+    Ok(libraries_in(pid, &maps::read(pid)?))
+}
+
+/// The C library this process (memtrace) uses, and the host's C++ runtime if
+/// installed: what a command started by memtrace will load.
+pub fn host_libraries() -> Vec<Library> {
+    let mut libs = libraries_of(std::process::id()).unwrap_or_default();
+    libs.retain(|l| l.kind == LibKind::Libc);
+    const DIRS: [&str; 6] = [
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib64",
+        "/usr/lib64",
+        "/lib",
+        "/usr/lib",
+    ];
+    if let Some(p) = DIRS
+        .iter()
+        .map(|d| Path::new(d).join("libstdc++.so.6"))
+        .find(|p| p.exists())
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::metadata(&p) {
+            let display = p.display().to_string();
+            libs.push(Library {
+                kind: LibKind::Libstdcxx,
+                id: (format!("{:x}", meta.dev()), meta.ino()),
+                path: p,
+                display,
+            });
+        }
+    }
+    libs
+}
+
+/// One allocator function to probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Want {
+    /// Symbol name.
+    pub symbol: &'static str,
+    /// What it is. `None` for `free`.
+    pub func: Option<AllocFn>,
+    /// Whether tracing is pointless without it.
+    pub required: bool,
+}
+
+const fn want(symbol: &'static str, func: Option<AllocFn>, required: bool) -> Want {
+    Want {
+        symbol,
+        func,
+        required,
+    }
+}
+
+/// What memtrace probes in a C library. `reallocarray` (glibc 2.26),
+/// `aligned_alloc` (C11) and the obsolete `valloc`, `pvalloc`, `memalign`
+/// are missing from some C libraries, so they are optional.
+pub const LIBC: &[Want] = &[
+    want("malloc", Some(AllocFn::Malloc), true),
+    want("calloc", Some(AllocFn::Calloc), true),
+    want("realloc", Some(AllocFn::Realloc), true),
+    want("free", None, true),
+    want("reallocarray", Some(AllocFn::Reallocarray), false),
+    want("posix_memalign", Some(AllocFn::PosixMemalign), false),
+    want("aligned_alloc", Some(AllocFn::AlignedAlloc), false),
+    want("memalign", Some(AllocFn::Memalign), false),
+    want("valloc", Some(AllocFn::Valloc), false),
+    want("pvalloc", Some(AllocFn::Pvalloc), false),
+];
+
+/// `operator new` and `new[]`, plain, nothrow, aligned and aligned nothrow.
+/// Probed because libstdc++ has no frame pointers: from inside its `new`, a
+/// frame-pointer walk skips the function that called `new`. `malloc` calls
+/// nested in them emit nothing, so nothing counts twice.
+pub const LIBSTDCXX: &[Want] = &[
+    want("_Znwm", Some(AllocFn::OperatorNew), false),
+    want("_Znam", Some(AllocFn::OperatorNew), false),
+    want("_ZnwmRKSt9nothrow_t", Some(AllocFn::OperatorNew), false),
+    want("_ZnamRKSt9nothrow_t", Some(AllocFn::OperatorNew), false),
+    want("_ZnwmSt11align_val_t", Some(AllocFn::OperatorNew), false),
+    want("_ZnamSt11align_val_t", Some(AllocFn::OperatorNew), false),
+    want(
+        "_ZnwmSt11align_val_tRKSt9nothrow_t",
+        Some(AllocFn::OperatorNew),
+        false,
+    ),
+    want(
+        "_ZnamSt11align_val_tRKSt9nothrow_t",
+        Some(AllocFn::OperatorNew),
+        false,
+    ),
+];
+
+/// A function found, at its file offset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Site {
+    /// What to probe.
+    pub want: Want,
+    /// Offset in the file.
+    pub offset: u64,
+    /// Other wanted names at the same offset (probed once, under `want`).
+    pub aliases: Vec<&'static str>,
+}
+
+/// The functions of `wants` found in the ELF file `data`, one per offset,
+/// and the names not found.
+pub fn find_sites(
+    data: &[u8],
+    wants: &[Want],
+) -> std::result::Result<(Vec<Site>, Vec<&'static str>), object::Error> {
+    let file = object::File::parse(data)?;
+    let mut addr_of: HashMap<&str, u64> = HashMap::new();
+    for sym in file.dynamic_symbols().chain(file.symbols()) {
+        if sym.is_definition()
+            && sym.address() != 0
+            && let Ok(name) = sym.name()
+        {
+            addr_of.entry(name).or_insert(sym.address());
+        }
+    }
+    let to_offset = |vaddr: u64| {
+        file.segments().find_map(|seg| {
+            let (file_off, file_len) = seg.file_range();
+            let start = seg.address();
+            (vaddr >= start && vaddr < start + file_len).then(|| vaddr - start + file_off)
+        })
+    };
+    let mut sites: Vec<Site> = Vec::new();
+    let mut missing = Vec::new();
+    for w in wants {
+        let Some(offset) = addr_of.get(w.symbol).and_then(|a| to_offset(*a)) else {
+            missing.push(w.symbol);
+            continue;
+        };
+        match sites.iter_mut().find(|s| s.offset == offset) {
+            Some(s) => s.aliases.push(w.symbol),
+            None => sites.push(Site {
+                want: *w,
+                offset,
+                aliases: Vec::new(),
+            }),
+        }
+    }
+    Ok((sites, missing))
+}
+
+/// Sites to probe in a library; fails when a required function is missing.
+pub fn sites_of(lib: &Library, user: Option<u32>) -> Result<(Vec<Site>, Vec<&'static str>)> {
+    let data = std::fs::read(&lib.path).map_err(|e| {
+        UserError::new(
+            format!("cannot read {}: {e}", lib.path.display()),
+            "memtrace reads the allocator library to find its functions; check the file exists and is readable",
+        )
+    })?;
+    let wants = match lib.kind {
+        LibKind::Libc => LIBC,
+        LibKind::Libstdcxx => LIBSTDCXX,
+    };
+    let (sites, missing) = find_sites(&data, wants).map_err(|e| {
+        UserError::new(
+            format!(
+                "{} is not an ELF file memtrace can read: {e}",
+                lib.path.display()
+            ),
+            "is the library corrupt, or for another architecture?",
+        )
+    })?;
+    if let Some(w) = wants
+        .iter()
+        .find(|w| w.required && missing.contains(&w.symbol))
+    {
+        let by = user
+            .map(|p| format!(" (mapped by PID {p})"))
+            .unwrap_or_default();
+        return Err(UserError::new(
+            format!("symbol '{}' not found in {}{by}", w.symbol, lib.display),
+            "memtrace traces glibc's allocator; a static binary or a custom allocator is not supported yet",
+        ));
+    }
+    Ok((sites, missing))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognizes_allocator_libraries_by_name() {
+        assert_eq!(LibKind::of_file_name("libc.so.6"), Some(LibKind::Libc));
+        assert_eq!(LibKind::of_file_name("libc-2.31.so"), Some(LibKind::Libc));
+        assert_eq!(
+            LibKind::of_file_name("libc.so.6 (deleted)"),
+            Some(LibKind::Libc)
+        );
+        assert_eq!(
+            LibKind::of_file_name("libstdc++.so.6.0.30"),
+            Some(LibKind::Libstdcxx)
+        );
+        assert_eq!(LibKind::of_file_name("libcrypt.so.1"), None);
+        assert_eq!(LibKind::of_file_name("libc-client.so"), None);
+    }
+
+    fn self_libc() -> Library {
+        host_libraries()
+            .into_iter()
+            .find(|l| l.kind == LibKind::Libc)
+            .expect("the test process maps a libc")
+    }
+
+    #[test]
+    fn finds_libc_functions_and_merges_aliases() {
+        let lib = self_libc();
+        let (sites, missing) = sites_of(&lib, None).unwrap();
+        assert!(sites.iter().any(|s| s.want.symbol == "malloc"));
+        assert!(sites.iter().any(|s| s.want.symbol == "free"));
+        // glibc: aligned_alloc and memalign are one function.
+        if let Some(s) = sites.iter().find(|s| s.want.symbol == "aligned_alloc") {
+            assert!(
+                s.aliases.contains(&"memalign")
+                    || sites.iter().any(|o| o.want.symbol == "memalign"),
+            );
+        }
+        let mut offsets: Vec<u64> = sites.iter().map(|s| s.offset).collect();
+        offsets.dedup();
+        assert_eq!(offsets.len(), sites.len(), "one site per offset");
+        assert!(missing.iter().all(|m| !["malloc", "free"].contains(m)));
+    }
+
+    #[test]
+    fn a_library_without_malloc_is_refused_by_name() {
+        let exe = std::env::current_exe().unwrap();
+        let lib = Library {
+            kind: LibKind::Libc,
+            display: exe.display().to_string(),
+            path: exe,
+            id: (String::new(), 0),
+        };
+        let err = sites_of(&lib, Some(77)).unwrap_err();
+        assert!(err.message.starts_with("symbol '"), "{}", err.message);
+        assert!(
+            err.message.contains("(mapped by PID 77)"),
+            "{}",
+            err.message
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! The only module that talks to the kernel's BPF side: loads the embedded
+//! eBPF object, attaches its programs, hands out the ring buffer and reads
+//! the loss counters. Errors from aya are turned into [`UserError`]s that
+//! say what failed, on which file and pid.
+
+use std::num::NonZeroU32;
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::{ProgramError, RawTracePoint, UProbe, uprobe::UProbeScope};
+use aya::{Ebpf, EbpfLoader};
+use memtrace_common::{AllocFn, Counter};
+
+use crate::attach::{Library, Site, sites_of};
+use crate::error::{Result, UserError};
+use crate::report::Probes;
+
+/// The eBPF object, built by build.rs from memtrace-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
+
+/// Entry and return program names for an allocator function.
+fn programs(func: AllocFn) -> (&'static str, &'static str) {
+    match func {
+        AllocFn::Malloc => ("malloc_enter", "malloc_exit"),
+        AllocFn::Calloc => ("calloc_enter", "calloc_exit"),
+        AllocFn::Realloc => ("realloc_enter", "realloc_exit"),
+        AllocFn::Reallocarray => ("reallocarray_enter", "reallocarray_exit"),
+        AllocFn::PosixMemalign => ("posix_memalign_enter", "posix_memalign_exit"),
+        AllocFn::AlignedAlloc => ("aligned_alloc_enter", "aligned_alloc_exit"),
+        AllocFn::Memalign => ("memalign_enter", "memalign_exit"),
+        AllocFn::Valloc => ("valloc_enter", "valloc_exit"),
+        AllocFn::Pvalloc => ("pvalloc_enter", "pvalloc_exit"),
+        AllocFn::OperatorNew => ("operator_new_enter", "operator_new_exit"),
+    }
+}
+
+const UPROBES: &[&str] = &[
+    "free_enter",
+    "malloc_enter",
+    "malloc_exit",
+    "calloc_enter",
+    "calloc_exit",
+    "realloc_enter",
+    "realloc_exit",
+    "reallocarray_enter",
+    "reallocarray_exit",
+    "posix_memalign_enter",
+    "posix_memalign_exit",
+    "aligned_alloc_enter",
+    "aligned_alloc_exit",
+    "memalign_enter",
+    "memalign_exit",
+    "valloc_enter",
+    "valloc_exit",
+    "pvalloc_enter",
+    "pvalloc_exit",
+    "operator_new_enter",
+    "operator_new_exit",
+];
+
+/// The loaded programs and maps.
+pub struct Tracer {
+    ebpf: Ebpf,
+    counts: PerCpuArray<MapData, u64>,
+}
+
+fn load_error(name: &str, e: &ProgramError) -> UserError {
+    let what = match e {
+        ProgramError::LoadError { io_error, .. } => {
+            format!("the kernel refused eBPF program {name}: {io_error}")
+        }
+        other => format!("loading eBPF program {name} failed: {other}"),
+    };
+    UserError::new(what, verifier_hint(e))
+}
+
+fn verifier_hint(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError { verifier_log, .. } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            format!(
+                "the kernel's verifier rejected a program; the end of its log:\n{}",
+                tail.join("\n")
+            )
+        }
+        _ => "check that the kernel supports BPF uprobes (CONFIG_UPROBE_EVENTS, CONFIG_BPF_EVENTS) and that memtrace runs as root".into(),
+    }
+}
+
+impl Tracer {
+    /// Loads every program; the ring buffer gets `ringbuf_bytes` (a power of
+    /// two, at least a page).
+    pub fn load(ringbuf_bytes: u32) -> Result<Self> {
+        let self_tgid = std::process::id();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("SELF_TGID", &self_tgid, true)
+            .map_max_entries("EVENTS", ringbuf_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(|e| {
+                UserError::new(
+                    format!("loading the eBPF object failed: {e}"),
+                    "memtrace needs root (or CAP_BPF and CAP_PERFMON) and a kernel with BPF ring buffers (5.8+)",
+                )
+            })?;
+        for name in UPROBES {
+            let prog: &mut UProbe = program(&mut ebpf, name)?
+                .try_into()
+                .map_err(|e| internal(name, e))?;
+            prog.load().map_err(|e| load_error(name, &e))?;
+        }
+        let exit: &mut RawTracePoint = program(&mut ebpf, "process_exit")?
+            .try_into()
+            .map_err(|e| internal("process_exit", e))?;
+        exit.load().map_err(|e| load_error("process_exit", &e))?;
+        exit.attach("sched_process_exit").map_err(|e| {
+            UserError::new(
+                format!("attaching to the sched_process_exit tracepoint failed: {e}"),
+                "memtrace needs raw tracepoints (kernel 4.17+) with BTF",
+            )
+        })?;
+        let counts = PerCpuArray::try_from(
+            ebpf.take_map("COUNTS")
+                .ok_or_else(|| internal("COUNTS", "map missing"))?,
+        )
+        .map_err(|e| internal("COUNTS", e))?;
+        Ok(Self { ebpf, counts })
+    }
+
+    /// Probes the allocator functions of `lib`, for the given process only
+    /// or (with `None`) for every process mapping it.
+    pub fn attach(&mut self, lib: &Library, pid: Option<u32>) -> Result<Probes> {
+        let (sites, missing) = sites_of(lib, pid)?;
+        let scope = match pid.and_then(NonZeroU32::new) {
+            Some(p) => UProbeScope::OneProcess(p),
+            None => UProbeScope::AllProcesses,
+        };
+        let mut functions = Vec::new();
+        for site in &sites {
+            self.attach_site(site, lib, scope)?;
+            let mut name = site.want.symbol.to_string();
+            for a in &site.aliases {
+                name.push('=');
+                name.push_str(a);
+            }
+            functions.push(name);
+        }
+        Ok(Probes {
+            module: lib.display.clone(),
+            pids: pid.into_iter().collect(),
+            functions,
+            missing: missing.into_iter().map(str::to_string).collect(),
+        })
+    }
+
+    fn attach_site(&mut self, site: &Site, lib: &Library, scope: UProbeScope) -> Result<()> {
+        let names: Vec<&str> = match site.want.func {
+            None => vec!["free_enter"],
+            Some(f) => {
+                let (enter, exit) = programs(f);
+                vec![enter, exit]
+            }
+        };
+        for name in names {
+            let prog: &mut UProbe = program(&mut self.ebpf, name)?
+                .try_into()
+                .map_err(|e| internal(name, e))?;
+            prog.attach(site.offset, &lib.path, scope).map_err(|e| {
+                UserError::new(
+                    format!(
+                        "attaching {name} to {} at offset {:#x} ({}) failed: {e}",
+                        lib.display, site.offset, site.want.symbol
+                    ),
+                    "the kernel needs CONFIG_UPROBE_EVENTS; is the library on a filesystem that supports uprobes?",
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The ring buffer of records. Call once.
+    pub fn ring_buffer(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| internal("EVENTS", "map missing"))?;
+        RingBuf::try_from(map).map_err(|e| internal("EVENTS", e))
+    }
+
+    /// The kernel side's counters, summed over CPUs, by name.
+    pub fn counters(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let sum = self
+                    .counts
+                    .get(&(*c as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (*c, sum)
+            })
+            .collect()
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| internal(name, "program missing from the eBPF object"))
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> UserError {
+    UserError::new(
+        format!("internal error with {what}: {e}"),
+        "the embedded eBPF object does not match this binary; rebuild with `cargo xtask build`",
+    )
+}

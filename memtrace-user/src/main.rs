@@ -1,0 +1,35 @@
+//! The `memtrace` binary: parse arguments, run a session, print errors as
+//! `memtrace: what` / `hint: what to do`, and exit with 0 (done), the traced
+//! command's own status (`-- CMD`), or 2 (error).
+use std::process::ExitCode;
+
+use clap::Parser;
+use memtrace::cli::Args;
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("memtrace: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(memtrace::session::run(args)) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("memtrace: {}", e.message);
+            eprintln!("hint: {}", e.hint);
+            ExitCode::from(2)
+        }
+    }
+}
