@@ -122,12 +122,15 @@ fn on_entry(ctx: &ProbeContext, func: AllocFn, size: u64, arg: u64) -> u32 {
     if depth > MAX_NEST {
         depth = MAX_NEST;
     }
-    // A live outer call sits higher on the stack (larger sp). Entries at or
-    // below this call's sp belong to calls that never returned through us.
-    // Indices are constants (the loop unrolls) so the verifier sees every
-    // access is in bounds.
+    // A live outer call sits higher on the stack (larger sp), or at the same
+    // sp when it tail-called this function (glibc's `reallocarray` jumps to
+    // `realloc`, libstdc++'s `new[]` to `new`): both returns then fire at the
+    // same sp, innermost first. Entries below this call's sp belong to calls
+    // that never returned through us (longjmp, exceptions). Indices are
+    // constants (the loop unrolls) so the verifier sees every access is in
+    // bounds.
     for i in (0..MAX_NEST).rev() {
-        if i + 1 == depth && st.calls[i].sp <= sp {
+        if i + 1 == depth && st.calls[i].sp < sp {
             depth = i;
             count(Counter::StaleInflight);
         }
@@ -313,7 +316,8 @@ fn header(kind: RecordKind, pid_tgid: u64) -> Header {
 }
 
 /// `free(ptr)`: one record, unless the call is nested in a traced call
-/// (`realloc(p, 0)` frees through `free`; its own record says so).
+/// (`realloc(p, 0)` frees through `free`; its own record says so). A free
+/// tail-called from a traced call has the same sp and is nested too.
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     count(Counter::Calls);
@@ -330,7 +334,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     // SAFETY: read-only look at this thread's own entry.
     if let Some(st) = unsafe { INFLIGHT.get(&tid) } {
         for i in 0..MAX_NEST {
-            if (i as u64) < st.depth && st.calls[i].sp > sp {
+            if (i as u64) < st.depth && st.calls[i].sp >= sp {
                 return 0;
             }
         }

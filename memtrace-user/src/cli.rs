@@ -163,7 +163,7 @@ mod tests {
         assert!(a.validate().unwrap_err().contains("--pid and a command"));
         let a = parse(&["--min-size", "10", "--max-size", "5"]).unwrap();
         assert!(a.validate().unwrap_err().contains("--min-size 10"));
-        let a = parse(&["--duration", "-1"]).unwrap();
+        let a = parse(&["--duration=-1"]).unwrap();
         assert!(a.validate().unwrap_err().contains("--duration"));
         let a = parse(&["--ringbuf-size", "3"]).unwrap();
         assert!(a.validate().unwrap_err().contains("power of two"));

@@ -25,6 +25,9 @@ use crate::report::{self, Ledger, Probes};
 use crate::symbolize::Symbols;
 use crate::target::{self, GatedChild};
 
+/// Records handled between two looks at timers and signals.
+const BATCH: usize = 16 * 1024;
+
 /// Why tracing stopped.
 enum Stop {
     Signal,
@@ -53,10 +56,16 @@ impl State {
         }
     }
 
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
-        while let Some(item) = ring.next() {
-            self.handle(&item);
+    /// Handles up to `max` records; returns whether the ring is empty. The
+    /// cap keeps a flood from starving timers and signals.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>, max: usize) -> bool {
+        for _ in 0..max {
+            match ring.next() {
+                Some(item) => self.handle(&item),
+                None => return true,
+            }
         }
+        false
     }
 }
 
@@ -215,19 +224,25 @@ pub async fn run(args: Args) -> Result<i32> {
     let period = args.interval.map(Duration::from_secs_f64);
     let mut next_report = period.map(|p| tokio::time::Instant::now() + p);
     let mut liveness = tokio::time::interval(Duration::from_millis(250));
+    // The most records the ring can hold (the smallest is 24 bytes, plus the
+    // kernel's 8-byte record header).
+    let backlog = ((args.ringbuf_size as usize) << 20) / 32;
 
     let stop = loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(|e| UserError::new(format!("ring buffer poll failed: {e}"), "this is a bug"))?;
-                state.drain(guard.get_inner_mut());
-                guard.clear_ready();
+                // The kernel wakes a reader only once it has caught up, so
+                // readiness is cleared only when the ring is empty.
+                if state.drain(guard.get_inner_mut(), BATCH) {
+                    guard.clear_ready();
+                }
             }
             _ = sigint.recv() => break Stop::Signal,
             _ = sigterm.recv() => break Stop::Signal,
             _ = sleep_until(deadline) => break Stop::Duration,
             _ = sleep_until(next_report) => {
-                state.drain(ring.get_mut());
+                state.drain(ring.get_mut(), backlog);
                 emit(&args, &mut state, &tracer, &probes, started, &mut out)?;
                 next_report = period.map(|p| tokio::time::Instant::now() + p);
             }
@@ -239,7 +254,8 @@ pub async fn run(args: Args) -> Result<i32> {
             }
         }
     };
-    state.drain(ring.get_mut());
+    // What the ring holds now, not what a busy host keeps adding.
+    state.drain(ring.get_mut(), backlog);
     emit(&args, &mut state, &tracer, &probes, started, &mut out)?;
     Ok(match stop {
         Stop::Child(code) => code,
