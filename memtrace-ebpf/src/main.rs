@@ -102,14 +102,14 @@ fn on_entry(ctx: &ProbeContext, func: AllocFn, size: u64, arg: u64) -> u32 {
     }
     let tid = pid_tgid as u32;
     let sp = sp_of(ctx);
-    let st = match INFLIGHT.get_ptr_mut(&tid) {
+    let st = match INFLIGHT.get_ptr_mut(tid) {
         Some(st) => st,
         None => {
-            if INFLIGHT.insert(&tid, &InflightStack::default(), 0).is_err() {
+            if INFLIGHT.insert(tid, InflightStack::default(), 0).is_err() {
                 count(Counter::InflightFull);
                 return 0;
             }
-            match INFLIGHT.get_ptr_mut(&tid) {
+            match INFLIGHT.get_ptr_mut(tid) {
                 Some(st) => st,
                 None => return 0,
             }
@@ -166,7 +166,7 @@ fn on_return(ctx: &RetProbeContext, func: AllocFn) -> u32 {
     let tid = pid_tgid as u32;
     let ret: u64 = ctx.ret();
     let sp = sp_of(ctx);
-    let Some(st) = INFLIGHT.get_ptr_mut(&tid) else {
+    let Some(st) = INFLIGHT.get_ptr_mut(tid) else {
         count(Counter::ReturnWithoutEntry);
         return 0;
     };
@@ -191,7 +191,7 @@ fn on_return(ctx: &RetProbeContext, func: AllocFn) -> u32 {
         }
     }
     if depth == 0 {
-        let _ = INFLIGHT.remove(&tid);
+        let _ = INFLIGHT.remove(tid);
     } else {
         st.depth = depth as u64;
     }
@@ -332,7 +332,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     let tid = pid_tgid as u32;
     let sp = sp_of(&ctx);
     // SAFETY: read-only look at this thread's own entry.
-    if let Some(st) = unsafe { INFLIGHT.get(&tid) } {
+    if let Some(st) = unsafe { INFLIGHT.get(tid) } {
         for i in 0..MAX_NEST {
             if (i as u64) < st.depth && st.calls[i].sp >= sp {
                 return 0;

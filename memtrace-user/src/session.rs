@@ -171,6 +171,11 @@ pub async fn run(args: Args) -> Result<i32> {
         .map_err(|m| UserError::new(m, "see memtrace --help"))?;
     target::check_privileges()?;
     let mut out = open_output(&args)?;
+    // Caught from the start, so Ctrl-C while attaching still ends in a report.
+    let signal_err =
+        |e: std::io::Error| UserError::new(format!("cannot catch signals: {e}"), "this is a bug");
+    let mut sigint = signal(SignalKind::interrupt()).map_err(signal_err)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(signal_err)?;
 
     let child = if args.command.is_empty() {
         None
@@ -214,10 +219,6 @@ pub async fn run(args: Args) -> Result<i32> {
         .unwrap_or_default();
     eprintln!("memtrace: tracing {what}{until}; stop with Ctrl-C");
 
-    let signal_err =
-        |e: std::io::Error| UserError::new(format!("cannot catch signals: {e}"), "this is a bug");
-    let mut sigint = signal(SignalKind::interrupt()).map_err(signal_err)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(signal_err)?;
     let deadline = args
         .effective_duration()
         .map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));

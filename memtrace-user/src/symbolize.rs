@@ -13,6 +13,7 @@
 //! as module + offset: never dropped, never an error.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
@@ -102,18 +103,15 @@ impl Symbols {
     /// again when an address is outside the snapshot (a library loaded
     /// later), as long as the process lives.
     pub fn observe(&mut self, pid: u32, stack: &[u64]) {
-        if !self.procs.contains_key(&pid) {
+        if let Entry::Vacant(slot) = self.procs.entry(pid) {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .ok()
                 .map(|s| s.trim_end().to_string());
-            self.procs.insert(
-                pid,
-                Proc {
-                    comm,
-                    maps: Vec::new(),
-                    gone: false,
-                },
-            );
+            slot.insert(Proc {
+                comm,
+                maps: Vec::new(),
+                gone: false,
+            });
             self.refresh(pid);
         }
         let covered = |p: &Proc| stack.iter().all(|a| find(&p.maps, *a).is_some());
