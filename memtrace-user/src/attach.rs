@@ -131,6 +131,27 @@ pub fn host_libraries() -> Vec<Library> {
     libs
 }
 
+/// Whether a program (a path, or a name on PATH) names libstdc++ among its
+/// needed libraries. A program that loads it later with dlopen is missed;
+/// its `new` calls are still seen through `malloc`, with one frame less.
+pub fn links_libstdcxx(program: &str) -> bool {
+    let path = if program.contains('/') {
+        Some(PathBuf::from(program))
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(program))
+                .find(|p| p.is_file())
+        })
+    };
+    let Some(data) = path.and_then(|p| std::fs::read(p).ok()) else {
+        return false;
+    };
+    // DT_NEEDED names live in .dynstr; their bytes are enough of a test.
+    data.windows(b"libstdc++.so".len())
+        .any(|w| w == b"libstdc++.so")
+}
+
 /// One allocator function to probe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Want {

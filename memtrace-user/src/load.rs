@@ -6,7 +6,10 @@
 use std::num::NonZeroU32;
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::{ProgramError, RawTracePoint, UProbe, uprobe::UProbeScope};
+use aya::programs::{
+    ProgramError, RawTracePoint, UProbe,
+    uprobe::{UProbeLink, UProbeScope},
+};
 use aya::{Ebpf, EbpfLoader};
 use memtrace_common::{AllocFn, Counter};
 
@@ -61,6 +64,7 @@ const UPROBES: &[&str] = &[
 pub struct Tracer {
     ebpf: Ebpf,
     counts: PerCpuArray<MapData, u64>,
+    links: Vec<UProbeLink>,
 }
 
 fn load_error(name: &str, e: &ProgramError) -> UserError {
@@ -124,7 +128,11 @@ impl Tracer {
                 .ok_or_else(|| internal("COUNTS", "map missing"))?,
         )
         .map_err(|e| internal("COUNTS", e))?;
-        Ok(Self { ebpf, counts })
+        Ok(Self {
+            ebpf,
+            counts,
+            links: Vec::new(),
+        })
     }
 
     /// Probes the allocator functions of `lib`, for the given process only
@@ -165,7 +173,7 @@ impl Tracer {
             let prog: &mut UProbe = program(&mut self.ebpf, name)?
                 .try_into()
                 .map_err(|e| internal(name, e))?;
-            prog.attach(site.offset, &lib.path, scope).map_err(|e| {
+            let id = prog.attach(site.offset, &lib.path, scope).map_err(|e| {
                 UserError::new(
                     format!(
                         "attaching {name} to {} at offset {:#x} ({}) failed: {e}",
@@ -174,8 +182,23 @@ impl Tracer {
                     "the kernel needs CONFIG_UPROBE_EVENTS; is the library on a filesystem that supports uprobes?",
                 )
             })?;
+            self.links
+                .push(prog.take_link(id).map_err(|e| internal(name, e))?);
         }
         Ok(())
+    }
+
+    /// Removes every probe. Each removal waits for an RCU grace period in the
+    /// kernel (about 0.1 s here); done one after another, 40 probes would
+    /// keep memtrace alive for seconds after its report, so they are closed
+    /// from parallel threads and the grace periods overlap.
+    pub fn detach(mut self) {
+        let links = std::mem::take(&mut self.links);
+        std::thread::scope(|s| {
+            for link in links {
+                s.spawn(move || drop(link));
+            }
+        });
     }
 
     /// The ring buffer of records. Call once.

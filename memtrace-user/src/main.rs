@@ -6,6 +6,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use memtrace::cli::Args;
 
+/// memtrace's own heap is not libc's: when every process is traced, each
+/// libc malloc and free memtrace made would trap into its own probes, and
+/// handling one record would cost it several traps.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(args) => args,

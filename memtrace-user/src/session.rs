@@ -83,7 +83,12 @@ fn monotonic_ns() -> u64 {
 /// Libraries to probe for each target; `None` as pid means every process.
 fn plan(args: &Args, child: Option<&GatedChild>) -> Result<Vec<(Library, Option<u32>)>> {
     if let Some(child) = child {
-        let libs = attach::host_libraries();
+        let mut libs = attach::host_libraries();
+        // Without libstdc++ there is no `operator new` to probe; each probe
+        // costs time to attach and detach.
+        if !attach::links_libstdcxx(&args.command[0]) {
+            libs.retain(|l| l.kind != LibKind::Libstdcxx);
+        }
         if !libs.iter().any(|l| l.kind == LibKind::Libc) {
             return Err(UserError::new(
                 "memtrace cannot find the C library it runs on, to probe for the command",
@@ -258,6 +263,8 @@ pub async fn run(args: Args) -> Result<i32> {
     // What the ring holds now, not what a busy host keeps adding.
     state.drain(ring.get_mut(), backlog);
     emit(&args, &mut state, &tracer, &probes, started, &mut out)?;
+    drop(ring);
+    tracer.detach();
     Ok(match stop {
         Stop::Child(code) => code,
         Stop::Signal | Stop::Duration | Stop::TargetsExited => 0,
