@@ -20,10 +20,10 @@ pub const EVENT_ABI: u16 = 1;
 /// `perf_event_max_stack`).
 pub const MAX_FRAMES: usize = 127;
 
-/// Deepest nesting of allocator calls one thread may have in flight
-/// (`realloc` → `malloc`, `operator new` → `malloc`, `aligned_alloc` →
-/// `malloc` are the nestings glibc and libstdc++ produce).
-pub const MAX_NEST: usize = 4;
+/// Deepest nesting of allocator calls one thread may have in flight.
+/// glibc and libstdc++ nest up to 4 deep (`new (std::nothrow) T[]` →
+/// `new[]` → `new` → `malloc`); 6 leaves room for wrappers.
+pub const MAX_NEST: usize = 6;
 
 /// Start of every record in the ring buffer (24 bytes).
 #[repr(C)]
@@ -228,7 +228,7 @@ pub enum Counter {
     /// [`MAX_NEST`]; the call was not traced.
     InflightFull = 3,
     /// An entry was dropped because its call never returned through the
-    /// probe (longjmp or thread death inside an allocator).
+    /// probe (longjmp or an exception unwinding through an allocator).
     StaleInflight = 4,
     /// Traced calls (entries of allocator functions and frees), whether or
     /// not they emitted a record; a measure of load, not a loss.

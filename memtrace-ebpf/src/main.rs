@@ -88,6 +88,8 @@ fn slot_mut(st: &mut InflightStack, i: usize) -> Option<&mut Inflight> {
         1 => Some(&mut st.calls[1]),
         2 => Some(&mut st.calls[2]),
         3 => Some(&mut st.calls[3]),
+        4 => Some(&mut st.calls[4]),
+        5 => Some(&mut st.calls[5]),
         _ => None,
     }
 }
@@ -346,12 +348,20 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// The last thread of a process exited (`group_dead`): its accounting closes.
+/// A thread exited. Its calls in flight are dropped: a thread killed inside
+/// an allocator never returns through the probes, and a later thread that
+/// reuses its id must not inherit them (they would make its own calls look
+/// nested, and silence them). When the last thread of a process exits
+/// (`group_dead`), its accounting closes.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn process_exit(ctx: RawTracePointContext) -> u32 {
-    // TP_PROTO(struct task_struct *p, bool group_dead)
+    // TP_PROTO(struct task_struct *p, bool group_dead); `p` is current.
     let group_dead: u64 = ctx.arg(1);
     let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    // A call that never returned allocated nothing anyone will see: this is
+    // cleanup, not a loss. Removing a missing key is a cheap failure.
+    let _ = INFLIGHT.remove(tid);
     if group_dead & 0xff == 0 || (pid_tgid >> 32) as u32 == self_tgid() {
         return 0;
     }

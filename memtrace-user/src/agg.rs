@@ -17,6 +17,8 @@
 
 use std::collections::HashMap;
 
+use hdrhistogram::Histogram;
+
 use crate::event::{Alloc, Event};
 
 /// Index of an interned stack within its process.
@@ -114,6 +116,10 @@ pub struct Process {
     pub unknown_frees: u64,
     /// Blocks handed out again by the allocator before their free was seen.
     pub missed_frees: u64,
+    /// Sizes of the allocations counted (3 significant digits).
+    pub sizes: Histogram<u64>,
+    /// Exact smallest and largest size counted (the histogram rounds).
+    pub size_range: Option<(u64, u64)>,
     live: HashMap<u64, Block>,
     stacks: Vec<StackStats>,
     stack_ids: HashMap<Box<[u64]>, StackId>,
@@ -128,6 +134,8 @@ impl Process {
             totals: Stats::default(),
             unknown_frees: 0,
             missed_frees: 0,
+            sizes: Histogram::new(3).expect("3 significant digits is a valid precision"),
+            size_range: None,
             live: HashMap::new(),
             stacks: Vec::new(),
             stack_ids: HashMap::new(),
@@ -202,6 +210,10 @@ impl Process {
         let (stack, new) = if filter.admits(a.size) {
             let (id, new) = self.intern(&a.stack);
             self.totals.alloc(a.size);
+            // An auto-resizing histogram takes any u64.
+            let _ = self.sizes.record(a.size);
+            let (lo, hi) = self.size_range.unwrap_or((a.size, a.size));
+            self.size_range = Some((lo.min(a.size), hi.max(a.size)));
             self.stacks[id as usize].stats.alloc(a.size);
             (id, new)
         } else {

@@ -79,6 +79,18 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
         group(p.freed_bytes),
         group(p.freed_count),
     )?;
+    if p.total_count > 0 {
+        let z = &p.sizes;
+        writeln!(
+            out,
+            "  sizes: min {} B, median {} B, p90 {} B, p99 {} B, max {} B",
+            group(z.min),
+            group(z.p50),
+            group(z.p90),
+            group(z.p99),
+            group(z.max)
+        )?;
+    }
     if p.unknown_frees > 0 || p.missed_frees > 0 {
         writeln!(
             out,

@@ -1,0 +1,89 @@
+//! Compiles the C and C++ ground-truth fixtures into `OUT_DIR`, where
+//! `memtrace_tests::fixture` finds them.
+//!
+//! Plain `cc`/`c++` through `std::process::Command` (or `$CC`/`$CXX`): the
+//! fixtures are single files and a build-dependency would be overkill. The
+//! flags keep the fixtures honest ground truth: `-O0` so no allocation is
+//! folded away or inlined into its caller, frame pointers and `-g` so memtrace
+//! can walk and symbolize the stacks.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// One fixture: its source under `fixtures/`, compiler, flags and output name.
+struct Fixture {
+    source: &'static str,
+    output: &'static str,
+    cxx: bool,
+    flags: &'static [&'static str],
+}
+
+const FIXTURES: &[Fixture] = &[
+    Fixture {
+        source: "alloc_fixture.c",
+        output: "alloc_fixture",
+        cxx: false,
+        flags: &["-O0", "-g", "-fno-omit-frame-pointer", "-pthread"],
+    },
+    Fixture {
+        source: "cxx_fixture.cpp",
+        output: "cxx_fixture",
+        cxx: true,
+        flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
+    },
+    // No libc.so in this one: the "target without libc" error case.
+    Fixture {
+        source: "static_fixture.c",
+        output: "static_fixture",
+        cxx: false,
+        flags: &["-O0", "-g", "-static"],
+    },
+];
+
+fn main() {
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
+    println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-env-changed=CC");
+    println!("cargo::rerun-if-env-changed=CXX");
+
+    for fixture in FIXTURES {
+        let source = manifest_dir.join("fixtures").join(fixture.source);
+        println!("cargo::rerun-if-changed={}", source.display());
+        compile(fixture, &source, &out_dir.join(fixture.output));
+    }
+}
+
+fn compile(fixture: &Fixture, source: &Path, output: &Path) {
+    let (var, default) = if fixture.cxx {
+        ("CXX", "c++")
+    } else {
+        ("CC", "cc")
+    };
+    let compiler = env::var(var).unwrap_or_else(|_| default.to_owned());
+    let mut command = Command::new(&compiler);
+    command
+        .args(fixture.flags)
+        .args(["-Wall", "-o"])
+        .arg(output)
+        .arg(source);
+
+    let shown = format!("{command:?}");
+    let result = command.output().unwrap_or_else(|err| {
+        panic!("cannot run the fixture compiler: {shown}: {err} (install gcc/g++ or set ${var})")
+    });
+    if !result.status.success() {
+        panic!(
+            "compiling fixture {} failed\ncommand: {shown}\nstatus: {}\nstderr:\n{}",
+            fixture.source,
+            result.status,
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    // Warnings are worth seeing, but a build script can only surface them this way.
+    for line in String::from_utf8_lossy(&result.stderr).lines() {
+        println!("cargo::warning={}: {line}", fixture.source);
+    }
+}

@@ -1,0 +1,169 @@
+//! The ground truth: what each fixture function allocates, derived from the
+//! loops in `fixtures/`. Keep these in step with the fixture sources.
+//!
+//! memtrace reports requested sizes (not glibc's rounded chunk sizes), counts
+//! a `realloc` that moves or resizes a block as a free of the old block plus
+//! an allocation of the new one, `realloc(p, 0)` as a free only, and a failed
+//! (NULL) allocation not at all.
+
+use crate::report::{Site, Totals};
+
+/// `count` blocks of `size` bytes, all still live.
+const fn leaked(count: u64, size: u64) -> Site {
+    Site {
+        live_bytes: count * size,
+        live_count: count,
+        total_bytes: count * size,
+        total_count: count,
+    }
+}
+
+/// Blocks totalling `bytes` in `count` allocations, all freed again.
+const fn freed(count: u64, bytes: u64) -> Site {
+    Site {
+        live_bytes: 0,
+        live_count: 0,
+        total_bytes: bytes,
+        total_count: count,
+    }
+}
+
+/// Whole-process numbers of a process whose only allocations are `sites`,
+/// each done `workers` times: every allocation is either still live or freed.
+pub fn totals_of(sites: &[(&str, Site)], workers: u64) -> Totals {
+    let mut t = Totals::default();
+    for (_, site) in sites {
+        let site = site.times(workers);
+        t.live_bytes += site.live_bytes;
+        t.live_count += site.live_count;
+        t.total_bytes += site.total_bytes;
+        t.total_count += site.total_count;
+    }
+    t.freed_bytes = t.total_bytes - t.live_bytes;
+    t.freed_count = t.total_count - t.live_count;
+    t
+}
+
+/// `fixtures/alloc_fixture.c`, per worker (the main thread, or each of
+/// `--threads N`).
+pub mod c {
+    use super::*;
+
+    pub const LEAK_MALLOC: Site = leaked(10, 1000);
+    pub const LEAK_CALLOC: Site = leaked(7, 3 * 333);
+    /// 4 × { realloc(NULL, 300) → realloc(p, 4000) }: the 300-byte blocks
+    /// are freed by the second realloc, the 4000-byte ones stay.
+    pub const LEAK_REALLOC: Site = Site {
+        live_bytes: 4 * 4000,
+        live_count: 4,
+        total_bytes: 4 * (300 + 4000),
+        total_count: 8,
+    };
+    pub const LEAK_REALLOCARRAY: Site = leaked(3, 25 * 40);
+    pub const LEAK_POSIX_MEMALIGN: Site = leaked(6, 2000);
+    pub const LEAK_ALIGNED_ALLOC: Site = leaked(5, 1024);
+    pub const LEAK_MEMALIGN: Site = leaked(3, 700);
+    pub const LEAK_VALLOC: Site = leaked(2, 5000);
+    /// Requested size, not the page-rounded 8192 glibc hands out.
+    pub const LEAK_PVALLOC: Site = leaked(2, 5000);
+    pub const LEAK_BIG: Site = leaked(2, 1 << 20);
+    /// 1000 × { malloc(128), calloc(4, 64), realloc(a, 512), malloc(32) };
+    /// everything freed (the last by realloc(d, 0)).
+    pub const CHURN: Site = freed(1000 * 4, 1000 * (128 + 4 * 64 + 512 + 32));
+    /// The control: 50 × malloc(2048) + free.
+    pub const NO_LEAK: Site = freed(50, 50 * 2048);
+    /// malloc(SIZE_MAX) returns NULL: nothing to report.
+    pub const FAIL_ALLOC: Site = Site {
+        live_bytes: 0,
+        live_count: 0,
+        total_bytes: 0,
+        total_count: 0,
+    };
+
+    pub const SITES: &[(&str, Site)] = &[
+        ("leak_malloc", LEAK_MALLOC),
+        ("leak_calloc", LEAK_CALLOC),
+        ("leak_realloc", LEAK_REALLOC),
+        ("leak_reallocarray", LEAK_REALLOCARRAY),
+        ("leak_posix_memalign", LEAK_POSIX_MEMALIGN),
+        ("leak_aligned_alloc", LEAK_ALIGNED_ALLOC),
+        ("leak_memalign", LEAK_MEMALIGN),
+        ("leak_valloc", LEAK_VALLOC),
+        ("leak_pvalloc", LEAK_PVALLOC),
+        ("leak_big", LEAK_BIG),
+        ("churn", CHURN),
+        ("no_leak", NO_LEAK),
+        ("fail_alloc", FAIL_ALLOC),
+    ];
+}
+
+/// `fixtures/cxx_fixture.cpp`.
+pub mod cxx {
+    use super::*;
+
+    /// `sizeof(Widget)`: `struct Widget { char data[48]; }`.
+    pub const WIDGET: u64 = 48;
+
+    pub const LEAK_NEW: Site = leaked(10, WIDGET);
+    pub const LEAK_NEW_ARRAY: Site = leaked(5, 1000);
+    pub const LEAK_NEW_NOTHROW: Site = leaked(4, 256);
+    /// 1000 × { new Widget; delete; new int[100]; delete[] }.
+    pub const CHURN_NEW_DELETE: Site = freed(1000 * 2, 1000 * (WIDGET + 100 * 4));
+    /// 20 × a scoped `std::vector<int>(1000)`.
+    pub const NO_LEAK_VECTOR: Site = freed(20, 20 * 1000 * 4);
+
+    pub const SITES: &[(&str, Site)] = &[
+        ("leak_new", LEAK_NEW),
+        ("leak_new_array", LEAK_NEW_ARRAY),
+        ("leak_new_nothrow", LEAK_NEW_NOTHROW),
+        ("churn_new_delete", CHURN_NEW_DELETE),
+        ("no_leak_vector", NO_LEAK_VECTOR),
+    ];
+}
+
+/// `fixtures/rust_fixture.rs`.
+pub mod rust {
+    use super::*;
+
+    pub const LEAK_BOX: Site = leaked(10, 4096);
+    /// 5 × `Vec::<u64>::with_capacity(1000)`, forgotten.
+    pub const LEAK_VEC: Site = leaked(5, 1000 * 8);
+    /// 1000 × `Vec::<u32>::with_capacity(16)`, dropped.
+    pub const CHURN: Site = freed(1000, 1000 * 16 * 4);
+    /// 50 × `vec![1u8; 2048]`, dropped.
+    pub const NO_LEAK: Site = freed(50, 50 * 2048);
+
+    pub const SITES: &[(&str, Site)] = &[
+        ("leak_box", LEAK_BOX),
+        ("leak_vec", LEAK_VEC),
+        ("churn", CHURN),
+        ("no_leak", NO_LEAK),
+    ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The brief's numbers, spelled out, as a check on the arithmetic above.
+    #[test]
+    fn c_numbers_match_the_spec() {
+        assert_eq!(c::LEAK_CALLOC.live_bytes, 6993);
+        assert_eq!(c::LEAK_REALLOC.total_bytes, 17200);
+        assert_eq!(c::CHURN.total_bytes, 928_000);
+        assert_eq!(c::CHURN.total_count, 4000);
+        assert_eq!(c::LEAK_BIG.live_bytes, 2_097_152);
+        let t = totals_of(c::SITES, 1);
+        assert_eq!(t.freed_count, 4 + 4000 + 50);
+        assert_eq!(t.freed_bytes, 1200 + 928_000 + 102_400);
+    }
+
+    #[test]
+    fn cxx_and_rust_numbers_match_the_spec() {
+        assert_eq!(cxx::CHURN_NEW_DELETE.total_bytes, 448_000);
+        assert_eq!(cxx::NO_LEAK_VECTOR.total_bytes, 80_000);
+        assert_eq!(rust::LEAK_BOX.live_bytes, 40_960);
+        assert_eq!(rust::LEAK_VEC.live_bytes, 40_000);
+        assert_eq!(rust::CHURN.total_bytes, 64_000);
+    }
+}

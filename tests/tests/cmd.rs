@@ -1,0 +1,82 @@
+//! `memtrace -- CMD`: memtrace starts the fixture itself, traces it from its
+//! first instruction, exits when it exits and passes on its exit status.
+
+use std::path::Path;
+
+use memtrace_tests::truth::{self, c, cxx, rust};
+use memtrace_tests::{
+    Memtrace, Output, assert_caller_frame, assert_no_losses, assert_totals, fixture,
+    fixture_source_line, process_by_comm, require_root,
+};
+use serde_json::Value;
+
+use crate::{REPORT_ARGS, assert_exited, assert_sites, shared_machine};
+
+/// Runs `memtrace ... -- program args...` to the end and checks that the
+/// child ran (its "done" passes through memtrace's stdout; the report goes
+/// to a file) and that memtrace exited with the child's `exit_code`.
+fn trace_command(program: &Path, args: &[&str], exit_code: i32) -> (Output, Value) {
+    let mut memtrace = Memtrace::spawn_cmd(REPORT_ARGS, program, args);
+    let output = memtrace.wait();
+    output.assert_status(exit_code);
+    assert!(
+        output.stdout.lines().any(|line| line == "done"),
+        "the traced command did not print \"done\"\ncommand: {}\nstdout:\n{}\nstderr:\n{}",
+        output.cmdline,
+        output.stdout,
+        output.stderr
+    );
+    let report = output.json();
+    (output, report)
+}
+
+/// Traced from exec, the C fixture's allocations are all ground truth: the
+/// loader and glibc's start-up allocate nothing through malloc & co for it.
+#[test]
+fn cmd_c_fixture() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let (_, report) = trace_command(&fixture("alloc_fixture"), &["--exit-code", "3"], 3);
+    let process = process_by_comm(&report, "alloc_fixture");
+
+    assert_exited(process, true);
+    assert_sites(process, c::SITES, 1);
+    assert_totals(process, truth::totals_of(c::SITES, 1));
+    assert_no_losses(&report, process);
+}
+
+/// libstdc++ allocates at start-up (its exception-handling pool), so only
+/// the sites are exact.
+#[test]
+fn cmd_cxx_fixture() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let (_, report) = trace_command(&fixture("cxx_fixture"), &[], 0);
+    let process = process_by_comm(&report, "cxx_fixture");
+
+    assert_sites(process, cxx::SITES, 1);
+    // operator new is probed itself: frame 0 is the function that said `new`.
+    let line = fixture_source_line("cxx_fixture.cpp", "keep(new Widget)");
+    assert_caller_frame(process, "leak_new", "cxx_fixture.cpp", line);
+    assert_no_losses(&report, process);
+}
+
+/// The Rust runtime allocates at start-up (arguments, thread info), so only
+/// the sites are exact.
+#[test]
+fn cmd_rust_fixture() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let program = Path::new(env!("CARGO_BIN_EXE_rust_fixture"));
+    let (_, report) = trace_command(program, &[], 0);
+    let process = process_by_comm(&report, "rust_fixture");
+
+    assert_sites(process, rust::SITES, 1);
+    assert_no_losses(&report, process);
+}

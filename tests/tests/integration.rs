@@ -1,0 +1,57 @@
+//! memtrace's end-to-end tests: the real binary, real eBPF probes, and
+//! fixture programs whose allocations are known exactly
+//! (`memtrace_tests::truth`). Every test that traces needs root and skips
+//! itself without it (see `memtrace_tests::require_root`).
+//!
+//! - `pid`: attach to a running fixture with `-p` between its "ready" and
+//!   "go", so only the ground-truth work happens while traced.
+//! - `cmd`: `memtrace -- fixture`, traced from its first instruction.
+//! - `system_wide`: no target at all.
+//! - `errors`: the error convention (status 2, `memtrace: ...`, `hint: ...`).
+
+mod cmd;
+mod errors;
+mod pid;
+mod system_wide;
+
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use memtrace_tests::{Site, assert_site};
+use serde_json::Value;
+
+/// Serializes the system-wide test against the others of this binary: it
+/// traces every process, so the fixtures and memtraces of tests running beside
+/// it would be noise in its loss counters. Every other test holds it shared.
+static MACHINE: RwLock<()> = RwLock::new(());
+
+/// Held by a test that starts processes, while it runs.
+fn shared_machine() -> RwLockReadGuard<'static, ()> {
+    // A panicking test poisons the lock; the others need not fail for it.
+    MACHINE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by a test that traces the whole machine.
+fn exclusive_machine() -> RwLockWriteGuard<'static, ()> {
+    MACHINE.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Options of every tracing run: JSON for the queries, and every stack
+/// (`--top 0`) so that no site is cut from the report.
+const REPORT_ARGS: [&str; 4] = ["--format", "json", "--top", "0"];
+
+/// Checks every site of a fixture, each done by `workers` threads.
+fn assert_sites(process: &Value, sites: &[(&str, Site)], workers: u64) {
+    for (function, site) in sites {
+        assert_site(process, function, site.times(workers));
+    }
+}
+
+/// Checks that the report marks `process` as exited (or not).
+fn assert_exited(process: &Value, exited: bool) {
+    assert_eq!(
+        process.get("exited").and_then(Value::as_bool),
+        Some(exited),
+        "{}: \"exited\" should be {exited}",
+        memtrace_tests::report::label(process)
+    );
+}
