@@ -118,9 +118,13 @@ impl SizeSummary {
         let Some((min, max)) = p.size_range else {
             return Self::default();
         };
-        // A percentile is reported as its bucket's upper edge, clamped to
-        // the exact range.
-        let q = |q: f64| p.sizes.value_at_quantile(q).clamp(min, max);
+        // A percentile is reported as its bucket's lower edge (exact for
+        // sizes like 4096 or 5000), clamped to the exact range.
+        let q = |q: f64| {
+            p.sizes
+                .lowest_equivalent(p.sizes.value_at_quantile(q))
+                .clamp(min, max)
+        };
         Self {
             min,
             p50: q(0.5),
