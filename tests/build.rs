@@ -5,7 +5,8 @@
 //! fixtures are single files and a build-dependency would be overkill. The
 //! flags keep the fixtures honest ground truth: `-O0` so no allocation is
 //! folded away or inlined into its caller, frame pointers and `-g` so memtrace
-//! can walk and symbolize the stacks.
+//! can walk and symbolize the stacks. The C and C++ fixtures share their
+//! stdin/stdout protocol through `fixtures/fixture_protocol.h`.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -49,14 +50,20 @@ fn main() {
     println!("cargo::rerun-if-env-changed=CC");
     println!("cargo::rerun-if-env-changed=CXX");
 
+    let fixture_dir = manifest_dir.join("fixtures");
+    // Every fixture includes it, so a change to it rebuilds them all.
+    let header = fixture_dir.join("fixture_protocol.h");
+    println!("cargo::rerun-if-changed={}", header.display());
+
     for fixture in FIXTURES {
-        let source = manifest_dir.join("fixtures").join(fixture.source);
+        let source = fixture_dir.join(fixture.source);
         println!("cargo::rerun-if-changed={}", source.display());
-        compile(fixture, &source, &out_dir.join(fixture.output));
+        let output = out_dir.join(fixture.output);
+        compile(fixture, &fixture_dir, &source, &output);
     }
 }
 
-fn compile(fixture: &Fixture, source: &Path, output: &Path) {
+fn compile(fixture: &Fixture, include_dir: &Path, source: &Path, output: &Path) {
     let (var, default) = if fixture.cxx {
         ("CXX", "c++")
     } else {
@@ -66,6 +73,8 @@ fn compile(fixture: &Fixture, source: &Path, output: &Path) {
     let mut command = Command::new(&compiler);
     command
         .args(fixture.flags)
+        .arg("-I")
+        .arg(include_dir)
         .args(["-Wall", "-o"])
         .arg(output)
         .arg(source);
