@@ -210,6 +210,22 @@ pub const LIBSTDCXX: &[Want] = &[
     ),
 ];
 
+/// How reports name a probed symbol: C names as they are, `operator new`
+/// variants in C++ terms.
+pub fn display_name(symbol: &str) -> &str {
+    match symbol {
+        "_Znwm" => "new",
+        "_Znam" => "new[]",
+        "_ZnwmRKSt9nothrow_t" => "new(nothrow)",
+        "_ZnamRKSt9nothrow_t" => "new[](nothrow)",
+        "_ZnwmSt11align_val_t" => "new(align)",
+        "_ZnamSt11align_val_t" => "new[](align)",
+        "_ZnwmSt11align_val_tRKSt9nothrow_t" => "new(align,nothrow)",
+        "_ZnamSt11align_val_tRKSt9nothrow_t" => "new[](align,nothrow)",
+        other => other,
+    }
+}
+
 /// A function found, at its file offset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Site {

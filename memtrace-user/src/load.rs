@@ -13,7 +13,7 @@ use aya::programs::{
 use aya::{Ebpf, EbpfLoader};
 use memtrace_common::{AllocFn, Counter};
 
-use crate::attach::{Library, Site, sites_of};
+use crate::attach::{Library, Site, display_name, sites_of};
 use crate::error::{Result, UserError};
 use crate::report::Probes;
 
@@ -146,10 +146,10 @@ impl Tracer {
         let mut functions = Vec::new();
         for site in &sites {
             self.attach_site(site, lib, scope)?;
-            let mut name = site.want.symbol.to_string();
+            let mut name = display_name(site.want.symbol).to_string();
             for a in &site.aliases {
                 name.push('=');
-                name.push_str(a);
+                name.push_str(display_name(a));
             }
             functions.push(name);
         }
@@ -157,7 +157,10 @@ impl Tracer {
             module: lib.display.clone(),
             pids: pid.into_iter().collect(),
             functions,
-            missing: missing.into_iter().map(str::to_string).collect(),
+            missing: missing
+                .into_iter()
+                .map(|m| display_name(m).to_string())
+                .collect(),
         })
     }
 

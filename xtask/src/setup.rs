@@ -62,10 +62,10 @@ fn rust_src() -> anyhow::Result<()> {
     )
     .unwrap_or_default();
     if installed.lines().any(|l| l.trim().starts_with("rust-src")) {
-        println!("setup: rust-src (nightly): ok");
+        eprintln!("setup: rust-src (nightly): ok");
         return Ok(());
     }
-    println!("setup: rust-src (nightly): installing");
+    eprintln!("setup: rust-src (nightly): installing");
     exec(rustup().args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
@@ -83,16 +83,16 @@ fn bpf_linker() -> anyhow::Result<()> {
     // PATH already starts with cargo's bin directory (see util::put_cargo_bin_on_path).
     let version = output(Command::new("bpf-linker").arg("--version"));
     if version.as_deref().is_some_and(is_wanted_bpf_linker) {
-        println!("setup: bpf-linker {BPF_LINKER_VERSION}: ok");
+        eprintln!("setup: bpf-linker {BPF_LINKER_VERSION}: ok");
         return Ok(());
     }
     match &version {
-        Some(v) => println!(
+        Some(v) => eprintln!(
             "setup: bpf-linker: found {}, installing {BPF_LINKER_VERSION} (takes a few minutes)",
             v.trim()
         ),
         None => {
-            println!("setup: bpf-linker: installing {BPF_LINKER_VERSION} (takes a few minutes)")
+            eprintln!("setup: bpf-linker: installing {BPF_LINKER_VERSION} (takes a few minutes)")
         }
     }
     exec(
@@ -119,7 +119,7 @@ fn is_wanted_bpf_linker(version: &str) -> bool {
 
 fn debian_packages() -> anyhow::Result<()> {
     if output(Command::new("dpkg-query").arg("--version")).is_none() {
-        println!(
+        eprintln!(
             "setup: warning: no dpkg-query (not Debian?): make sure these are installed: {}",
             DEBIAN_PACKAGES.join(" ")
         );
@@ -131,18 +131,18 @@ fn debian_packages() -> anyhow::Result<()> {
         .filter(|p| !is_installed(p))
         .collect();
     if missing.is_empty() {
-        println!("setup: Debian packages ({}): ok", DEBIAN_PACKAGES.join(" "));
+        eprintln!("setup: Debian packages ({}): ok", DEBIAN_PACKAGES.join(" "));
         return Ok(());
     }
     let missing = missing.join(" ");
     if !util::is_root() {
-        println!(
+        eprintln!(
             "setup: warning: missing Debian packages the tests need: {missing}\n\
              setup:   install them as root: apt-get update && apt-get install -y {missing}"
         );
         return Ok(());
     }
-    println!("setup: Debian packages: installing {missing}");
+    eprintln!("setup: Debian packages: installing {missing}");
     exec(Command::new("apt-get").arg("update"))?;
     exec(
         Command::new("apt-get")
@@ -160,19 +160,19 @@ fn is_installed(package: &str) -> bool {
 fn tracefs() {
     let dir = Path::new(TRACEFS);
     if dir.join("uprobe_events").exists() || dir.join("trace").exists() {
-        println!("setup: tracefs at {TRACEFS}: ok");
+        eprintln!("setup: tracefs at {TRACEFS}: ok");
         return;
     }
     if !util::is_root() {
-        println!(
+        eprintln!(
             "setup: warning: no tracefs at {TRACEFS} (not mounted, or not readable as \
              this user); as root: mount -t tracefs tracefs {TRACEFS}"
         );
         return;
     }
-    println!("setup: tracefs: mounting at {TRACEFS}");
+    eprintln!("setup: tracefs: mounting at {TRACEFS}");
     if let Err(e) = exec(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS])) {
-        println!("setup: warning: could not mount tracefs: {e:#}");
+        eprintln!("setup: warning: could not mount tracefs: {e:#}");
     }
 }
 
