@@ -247,8 +247,6 @@ pub struct Aggregator {
     filter: SizeFilter,
     running: HashMap<u32, Process>,
     exited: Vec<Process>,
-    first_ts_ns: Option<u64>,
-    last_ts_ns: u64,
 }
 
 impl Aggregator {
@@ -266,8 +264,6 @@ impl Aggregator {
             Event::Alloc(a) => a.ts_ns,
             Event::Free { ts_ns, .. } | Event::Exit { ts_ns, .. } => *ts_ns,
         };
-        self.first_ts_ns.get_or_insert(ts);
-        self.last_ts_ns = self.last_ts_ns.max(ts);
         match event {
             Event::Alloc(a) => {
                 let filter = self.filter;
@@ -307,11 +303,6 @@ impl Aggregator {
     /// Whether the process with this pid has exited (and not come back).
     pub fn has_exited(&self, pid: u32) -> bool {
         !self.running.contains_key(&pid) && self.exited.iter().any(|p| p.pid == pid)
-    }
-
-    /// Timestamps of the first and last events.
-    pub fn span_ns(&self) -> Option<(u64, u64)> {
-        self.first_ts_ns.map(|f| (f, self.last_ts_ns))
     }
 
     /// Unknown frees summed over all processes.

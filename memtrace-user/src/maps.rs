@@ -75,10 +75,15 @@ pub fn read(pid: u32) -> io::Result<Vec<Mapping>> {
     ))?))
 }
 
+/// Index of the mapping that contains `addr`, in mappings sorted by address.
+pub fn position(maps: &[Mapping], addr: u64) -> Option<usize> {
+    let i = maps.partition_point(|m| m.end <= addr);
+    maps.get(i).filter(|m| m.start <= addr).map(|_| i)
+}
+
 /// The mapping that contains `addr`, in mappings sorted by address.
 pub fn find(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
-    let i = maps.partition_point(|m| m.end <= addr);
-    maps.get(i).filter(|m| m.start <= addr)
+    position(maps, addr).map(|i| &maps[i])
 }
 
 #[cfg(test)]

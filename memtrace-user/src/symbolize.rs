@@ -62,7 +62,10 @@ struct Module {
 
 struct Proc {
     comm: Option<String>,
-    maps: Vec<(Mapping, usize)>,
+    /// Executable mappings, by address.
+    maps: Vec<Mapping>,
+    /// Index into `Symbols::modules` of each mapping's file.
+    modules: Vec<usize>,
     /// `/proc/PID` could not be read any more.
     gone: bool,
 }
@@ -110,11 +113,12 @@ impl Symbols {
             slot.insert(Proc {
                 comm,
                 maps: Vec::new(),
+                modules: Vec::new(),
                 gone: false,
             });
             self.refresh(pid);
         }
-        let covered = |p: &Proc| stack.iter().all(|a| find(&p.maps, *a).is_some());
+        let covered = |p: &Proc| stack.iter().all(|a| maps::position(&p.maps, *a).is_some());
         if !covered(&self.procs[&pid]) && !self.procs[&pid].gone {
             self.refresh(pid);
         }
@@ -122,12 +126,12 @@ impl Symbols {
             let Some(p) = self.procs.get(&pid) else {
                 return;
             };
-            let Some((m, id)) = find(&p.maps, addr) else {
+            let Some(i) = maps::position(&p.maps, addr) else {
                 continue;
             };
-            if self.modules[*id].file.is_none() {
-                let file = open_mapped(pid, m);
-                self.modules[*id].file = file;
+            let id = p.modules[i];
+            if self.modules[id].file.is_none() {
+                self.modules[id].file = open_mapped(pid, &p.maps[i]);
             }
         }
     }
@@ -140,8 +144,8 @@ impl Symbols {
             return;
         };
         maps.retain(|m| m.exec);
-        let mut with_ids = Vec::with_capacity(maps.len());
-        for m in maps {
+        let mut modules = Vec::with_capacity(maps.len());
+        for m in &maps {
             let key = (m.dev.clone(), m.inode, m.path.clone());
             let id = *self.module_ids.entry(key).or_insert_with(|| {
                 self.modules.push(Module {
@@ -150,10 +154,11 @@ impl Symbols {
                 });
                 self.modules.len() - 1
             });
-            with_ids.push((m, id));
+            modules.push(id);
         }
         if let Some(p) = self.procs.get_mut(&pid) {
-            p.maps = with_ids;
+            p.maps = maps;
+            p.modules = modules;
         }
     }
 
@@ -204,11 +209,6 @@ impl Symbols {
     }
 }
 
-fn find(maps: &[(Mapping, usize)], addr: u64) -> Option<&(Mapping, usize)> {
-    let i = maps.partition_point(|(m, _)| m.end <= addr);
-    maps.get(i).filter(|(m, _)| m.start <= addr)
-}
-
 /// Opens the file behind a mapping: through `map_files` (works across mount
 /// namespaces and for deleted files), else through the process's root, else
 /// by its path.
@@ -223,11 +223,10 @@ impl Symbolize for Symbols {
     fn frames(&mut self, pid: u32, stack: &[u64]) -> Vec<Frame> {
         let mut out = Vec::with_capacity(stack.len());
         for &addr in stack {
-            let hit = self
-                .procs
-                .get(&pid)
-                .and_then(|p| find(&p.maps, addr))
-                .map(|(m, id)| (*id, m.file_offset(addr)));
+            let hit = self.procs.get(&pid).and_then(|p| {
+                let i = maps::position(&p.maps, addr)?;
+                Some((p.modules[i], p.maps[i].file_offset(addr)))
+            });
             match hit {
                 Some(key) => {
                     if !self.cache.contains_key(&key) {
