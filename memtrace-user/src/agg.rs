@@ -52,6 +52,35 @@ impl SizeFilter {
     }
 }
 
+/// What the aggregator counts, beyond plain bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Which allocations count.
+    pub filter: SizeFilter,
+    /// Blocks freed within this many ns of their allocation are
+    /// "temporary" (`--temporary-ms`).
+    pub temporary_ns: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            filter: SizeFilter::default(),
+            temporary_ns: 1_000_000,
+        }
+    }
+}
+
+/// Precision of per-process histograms (significant decimal digits).
+const PROCESS_SIGFIG: u8 = 3;
+/// Precision of per-stack histograms: 2 digits (1% buckets) keeps one
+/// stack's pair of histograms to a few tens of KiB.
+const STACK_SIGFIG: u8 = 2;
+
+fn histogram(sigfig: u8) -> Histogram<u64> {
+    Histogram::new(sigfig).expect("2 or 3 significant digits is a valid precision")
+}
+
 /// Byte and block counts of one stack or one process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -92,6 +121,34 @@ struct Block {
     ts_ns: u64,
 }
 
+/// Allocations freed soon after they were made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Temporary {
+    /// Blocks freed within the threshold.
+    pub count: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// Distributions of one stack or process: sizes of the allocations counted,
+/// and lifetimes (ns from allocation to free) of those freed.
+#[derive(Clone, Debug)]
+pub struct Distributions {
+    /// Allocation sizes, bytes.
+    pub sizes: Histogram<u64>,
+    /// Lifetimes of freed blocks, ns.
+    pub lifetimes: Histogram<u64>,
+}
+
+impl Distributions {
+    fn new(sigfig: u8) -> Self {
+        Self {
+            sizes: histogram(sigfig),
+            lifetimes: histogram(sigfig),
+        }
+    }
+}
+
 /// One stack of a process and its accounting.
 #[derive(Debug)]
 pub struct StackStats {
@@ -99,6 +156,79 @@ pub struct StackStats {
     pub frames: Box<[u64]>,
     /// Its accounting.
     pub stats: Stats,
+    /// Blocks from here freed within the temporary threshold.
+    pub temporary: Temporary,
+    /// Size and lifetime distributions.
+    pub dist: Distributions,
+}
+
+/// The high-water mark of a process's live bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peak {
+    /// Live bytes at the peak.
+    pub bytes: u64,
+    /// Live blocks at the peak.
+    pub count: u64,
+    /// When it was first reached.
+    pub ts_ns: u64,
+    /// Live (bytes, blocks) of each stack at that moment, by [`StackId`]
+    /// (stacks interned later held nothing then). Taken lazily, just before
+    /// the first decrease after the peak; while `pending`, the peak is now.
+    stacks: Vec<(u64, u64)>,
+    pending: bool,
+}
+
+/// Live bytes over time, at a resolution that halves whenever the series
+/// would outgrow [`TIMELINE_POINTS`], so memory stays bounded however long
+/// the trace.
+#[derive(Clone, Debug)]
+pub struct Timeline {
+    /// Width of one point, ns.
+    pub step_ns: u64,
+    /// Start of the first point (the process's first event).
+    pub start_ns: u64,
+    /// Per point: highest live bytes within it, and live bytes at its end.
+    /// A point with no event repeats the previous end.
+    pub points: Vec<(u64, u64)>,
+}
+
+/// Most points kept per process timeline.
+pub const TIMELINE_POINTS: usize = 1024;
+
+impl Timeline {
+    fn new(start_ns: u64) -> Self {
+        Self {
+            step_ns: 1_000_000,
+            start_ns,
+            points: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, ts_ns: u64, live: u64) {
+        let mut index = (ts_ns.saturating_sub(self.start_ns) / self.step_ns) as usize;
+        while index >= TIMELINE_POINTS {
+            self.coarsen();
+            index = (ts_ns.saturating_sub(self.start_ns) / self.step_ns) as usize;
+        }
+        // Records from other CPUs arrive slightly out of order: one that
+        // belongs to an earlier point lands in the current one.
+        let index = index.max(self.points.len().saturating_sub(1));
+        let last = self.points.last().map_or(0, |p| p.1);
+        self.points.resize(index + 1, (last, last));
+        let p = &mut self.points[index];
+        p.0 = p.0.max(live);
+        p.1 = live;
+    }
+
+    fn coarsen(&mut self) {
+        self.step_ns *= 2;
+        let merged = self
+            .points
+            .chunks(2)
+            .map(|c| (c.iter().map(|p| p.0).max().unwrap_or(0), c[c.len() - 1].1))
+            .collect();
+        self.points = merged;
+    }
 }
 
 /// Accounting of one process instance.
@@ -116,10 +246,18 @@ pub struct Process {
     pub unknown_frees: u64,
     /// Blocks handed out again by the allocator before their free was seen.
     pub missed_frees: u64,
-    /// Sizes of the allocations counted (3 significant digits).
-    pub sizes: Histogram<u64>,
+    /// Size and lifetime distributions (3 significant digits).
+    pub dist: Distributions,
     /// Exact smallest and largest size counted (the histogram rounds).
     pub size_range: Option<(u64, u64)>,
+    /// Blocks freed within the temporary threshold.
+    pub temporary: Temporary,
+    /// High-water mark of live bytes.
+    pub peak: Peak,
+    /// Live bytes over time.
+    pub timeline: Timeline,
+    /// Time of the last event.
+    pub last_ts_ns: u64,
     live: HashMap<u64, Block>,
     stacks: Vec<StackStats>,
     stack_ids: HashMap<Box<[u64]>, StackId>,
@@ -134,8 +272,12 @@ impl Process {
             totals: Stats::default(),
             unknown_frees: 0,
             missed_frees: 0,
-            sizes: Histogram::new(3).expect("3 significant digits is a valid precision"),
+            dist: Distributions::new(PROCESS_SIGFIG),
             size_range: None,
+            temporary: Temporary::default(),
+            peak: Peak::default(),
+            timeline: Timeline::new(ts_ns),
+            last_ts_ns: ts_ns,
             live: HashMap::new(),
             stacks: Vec::new(),
             stack_ids: HashMap::new(),
@@ -145,6 +287,22 @@ impl Process {
     /// Every stack seen, indexed by [`StackId`].
     pub fn stacks(&self) -> &[StackStats] {
         &self.stacks
+    }
+
+    /// Live (bytes, blocks) of each stack at the peak, by [`StackId`].
+    pub fn peak_stacks(&self) -> Vec<(u64, u64)> {
+        if self.peak.pending {
+            self.current_live()
+        } else {
+            self.peak.stacks.clone()
+        }
+    }
+
+    fn current_live(&self) -> Vec<(u64, u64)> {
+        self.stacks
+            .iter()
+            .map(|s| (s.stats.live_bytes, s.stats.live_count))
+            .collect()
     }
 
     /// Live bytes and counts per stack for blocks allocated at or before
@@ -170,26 +328,56 @@ impl Process {
         self.stacks.push(StackStats {
             frames: frames.clone(),
             stats: Stats::default(),
+            temporary: Temporary::default(),
+            dist: Distributions::new(STACK_SIGFIG),
         });
         self.stack_ids.insert(frames, id);
         (id, true)
     }
 
-    fn release(&mut self, block: Block) {
-        if block.stack != FILTERED {
-            self.totals.free(block.size);
-            self.stacks[block.stack as usize].stats.free(block.size);
+    /// Takes a block out of the accounting; `freed_at` is the time of its
+    /// free, `None` when the free itself was missed (lifetime unknown).
+    fn release(&mut self, block: Block, freed_at: Option<u64>, temporary_ns: u64) {
+        if block.stack == FILTERED {
+            return;
+        }
+        if self.peak.pending {
+            // The first decrease after a new high-water mark: this moment
+            // is the peak, so keep its breakdown.
+            self.peak.stacks = self.current_live();
+            self.peak.pending = false;
+        }
+        self.totals.free(block.size);
+        let stack = &mut self.stacks[block.stack as usize];
+        stack.stats.free(block.size);
+        if let Some(ts) = freed_at {
+            let lifetime = ts.saturating_sub(block.ts_ns);
+            let _ = stack.dist.lifetimes.record(lifetime);
+            let _ = self.dist.lifetimes.record(lifetime);
+            if lifetime <= temporary_ns {
+                for t in [&mut stack.temporary, &mut self.temporary] {
+                    t.count += 1;
+                    t.bytes += block.size;
+                }
+            }
         }
     }
 
-    fn free(&mut self, addr: u64) {
+    fn free(&mut self, addr: u64, ts_ns: u64, temporary_ns: u64) {
         match self.live.remove(&addr) {
-            Some(block) => self.release(block),
+            Some(block) => self.release(block, Some(ts_ns), temporary_ns),
             None => self.unknown_frees += 1,
         }
     }
 
-    fn alloc(&mut self, a: &Alloc, filter: &SizeFilter) -> Option<StackId> {
+    fn tick(&mut self, ts_ns: u64) {
+        self.last_ts_ns = self.last_ts_ns.max(ts_ns);
+        self.timeline.record(ts_ns, self.totals.live_bytes);
+    }
+
+    fn alloc(&mut self, a: &Alloc, config: &Config) -> Option<StackId> {
+        let filter = &config.filter;
+        let temporary_ns = config.temporary_ns;
         if let Some(old) = a.old_addr {
             match self.live.get(&old) {
                 // A block at `old` allocated after this realloc began belongs
@@ -200,21 +388,29 @@ impl Process {
                 Some(b) if b.ts_ns > a.entry_ts_ns && old != a.addr => {
                     self.missed_frees = self.missed_frees.saturating_sub(1);
                 }
-                _ => self.free(old),
+                _ => self.free(old, a.ts_ns, temporary_ns),
             }
         }
         if let Some(prev) = self.live.remove(&a.addr) {
             self.missed_frees += 1;
-            self.release(prev);
+            self.release(prev, None, temporary_ns);
         }
         let (stack, new) = if filter.admits(a.size) {
             let (id, new) = self.intern(&a.stack);
             self.totals.alloc(a.size);
             // An auto-resizing histogram takes any u64.
-            let _ = self.sizes.record(a.size);
+            let _ = self.dist.sizes.record(a.size);
             let (lo, hi) = self.size_range.unwrap_or((a.size, a.size));
             self.size_range = Some((lo.min(a.size), hi.max(a.size)));
-            self.stacks[id as usize].stats.alloc(a.size);
+            let stack = &mut self.stacks[id as usize];
+            stack.stats.alloc(a.size);
+            let _ = stack.dist.sizes.record(a.size);
+            if self.totals.live_bytes > self.peak.bytes {
+                self.peak.bytes = self.totals.live_bytes;
+                self.peak.count = self.totals.live_count;
+                self.peak.ts_ns = a.ts_ns;
+                self.peak.pending = true;
+            }
             (id, new)
         } else {
             (FILTERED, false)
@@ -244,18 +440,23 @@ pub struct NewStack {
 /// All processes' accounting.
 #[derive(Debug, Default)]
 pub struct Aggregator {
-    filter: SizeFilter,
+    config: Config,
     running: HashMap<u32, Process>,
     exited: Vec<Process>,
 }
 
 impl Aggregator {
-    /// An empty aggregator that counts allocations admitted by `filter`.
-    pub fn new(filter: SizeFilter) -> Self {
+    /// An empty aggregator.
+    pub fn new(config: Config) -> Self {
         Self {
-            filter,
+            config,
             ..Self::default()
         }
+    }
+
+    /// What it counts.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Applies one event. Returns the stack it interned, if it is new.
@@ -266,16 +467,25 @@ impl Aggregator {
         };
         match event {
             Event::Alloc(a) => {
-                let filter = self.filter;
-                let stack = self.process(a.pid, ts).alloc(a, &filter)?;
-                Some(NewStack { pid: a.pid, stack })
+                let config = self.config;
+                let p = self.process(a.pid, ts);
+                let stack = p.alloc(a, &config);
+                p.tick(ts);
+                Some(NewStack {
+                    pid: a.pid,
+                    stack: stack?,
+                })
             }
             Event::Free { pid, addr, .. } => {
-                self.process(*pid, ts).free(*addr);
+                let temporary_ns = self.config.temporary_ns;
+                let p = self.process(*pid, ts);
+                p.free(*addr, ts, temporary_ns);
+                p.tick(ts);
                 None
             }
             Event::Exit { pid, ts_ns } => {
                 if let Some(mut p) = self.running.remove(pid) {
+                    p.tick(*ts_ns);
                     p.exit_ts_ns = Some(*ts_ns);
                     self.exited.push(p);
                 }
@@ -360,7 +570,7 @@ mod tests {
     }
 
     fn run(events: &[Event]) -> Aggregator {
-        let mut agg = Aggregator::new(SizeFilter::default());
+        let mut agg = Aggregator::new(Config::default());
         for e in events {
             agg.on_event(e);
         }
@@ -483,7 +693,10 @@ mod tests {
 
     #[test]
     fn size_filter_counts_nothing_outside_but_knows_its_frees() {
-        let mut agg = Aggregator::new(SizeFilter { min: 10, max: 100 });
+        let mut agg = Aggregator::new(Config {
+            filter: SizeFilter { min: 10, max: 100 },
+            ..Config::default()
+        });
         for e in [
             malloc(10, 0xa, 5, &[1]),
             malloc(11, 0xb, 50, &[2]),
@@ -509,10 +722,88 @@ mod tests {
 
     #[test]
     fn new_stacks_are_announced_once() {
-        let mut agg = Aggregator::new(SizeFilter::default());
+        let mut agg = Aggregator::new(Config::default());
         let first = agg.on_event(&malloc(10, 0xa, 1, &[1]));
         let again = agg.on_event(&malloc(11, 0xb, 1, &[1]));
         assert_eq!(first, Some(NewStack { pid: PID, stack: 0 }));
         assert_eq!(again, None);
+    }
+
+    #[test]
+    fn peak_keeps_the_breakdown_of_its_moment() {
+        // Stack 1 peaks at 1000 bytes and is freed; stack 2 then holds less.
+        let agg = run(&[
+            malloc(10, 0xa, 600, &[1]),
+            malloc(20, 0xb, 400, &[1]),
+            malloc(25, 0xc, 50, &[2]),
+            free(30, 0xa),
+            free(40, 0xb),
+            malloc(50, 0xd, 700, &[2]),
+        ]);
+        let p = agg.running(PID).unwrap();
+        assert_eq!((p.peak.bytes, p.peak.count, p.peak.ts_ns), (1050, 3, 25));
+        assert_eq!(p.peak_stacks(), vec![(1000, 2), (50, 1)]);
+        assert_eq!(p.totals.live_bytes, 750);
+    }
+
+    #[test]
+    fn peak_still_rising_at_the_end_is_the_current_state() {
+        let agg = run(&[
+            malloc(10, 0xa, 10, &[1]),
+            free(11, 0xa),
+            malloc(12, 0xb, 30, &[2]),
+        ]);
+        let p = agg.running(PID).unwrap();
+        assert_eq!((p.peak.bytes, p.peak.ts_ns), (30, 12));
+        assert_eq!(p.peak_stacks(), vec![(0, 0), (30, 1)]);
+    }
+
+    #[test]
+    fn temporary_and_lifetimes() {
+        let mut agg = Aggregator::new(Config {
+            temporary_ns: 100,
+            ..Config::default()
+        });
+        for e in [
+            malloc(1000, 0xa, 8, &[1]),
+            free(1050, 0xa),
+            malloc(2000, 0xb, 16, &[1]),
+            free(2100, 0xb),
+            malloc(3000, 0xc, 32, &[1]),
+            free(3101, 0xc),
+            malloc(4000, 0xd, 64, &[2]),
+        ] {
+            agg.on_event(&e);
+        }
+        let p = agg.running(PID).unwrap();
+        let t = Temporary {
+            count: 2,
+            bytes: 24,
+        };
+        assert_eq!(p.temporary, t);
+        assert_eq!(p.stacks()[0].temporary, t);
+        assert_eq!(p.stacks()[1].temporary, Temporary::default());
+        assert_eq!(p.dist.lifetimes.len(), 3);
+        assert_eq!(p.dist.lifetimes.max(), 101);
+        assert_eq!(p.dist.lifetimes.min(), 50);
+        assert_eq!(p.stacks()[0].dist.sizes.len(), 3);
+        assert_eq!(p.stacks()[1].dist.lifetimes.len(), 0);
+    }
+
+    #[test]
+    fn timeline_is_bounded_and_keeps_maxima() {
+        let mut events = Vec::new();
+        // 5000 ms of one allocation per ms, each freed 0.5 ms later.
+        for i in 0..5000u64 {
+            let t = 1_000_000 + i * 1_000_000;
+            events.push(malloc(t, 0x1000 + i, 100 + i, &[1]));
+            events.push(free(t + 500_000, 0x1000 + i));
+        }
+        let agg = run(&events);
+        let tl = &agg.running(PID).unwrap().timeline;
+        assert!(tl.points.len() <= TIMELINE_POINTS);
+        assert_eq!(tl.step_ns, 8_000_000);
+        assert_eq!(tl.points.iter().map(|p| p.0).max(), Some(100 + 4999));
+        assert_eq!(tl.points.last().unwrap().1, 0);
     }
 }

@@ -15,7 +15,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::agg::{Aggregator, SizeFilter};
+use crate::agg::{Aggregator, Config, SizeFilter};
 use crate::attach::{self, LibKind, Library};
 use crate::cli::{Args, Format};
 use crate::error::{Result, UserError};
@@ -202,9 +202,12 @@ pub async fn run(args: Args) -> Result<i32> {
     })?;
 
     let mut state = State {
-        agg: Aggregator::new(SizeFilter {
-            min: args.min_size.unwrap_or(0),
-            max: args.max_size.unwrap_or(u64::MAX),
+        agg: Aggregator::new(Config {
+            filter: SizeFilter {
+                min: args.min_size.unwrap_or(0),
+                max: args.max_size.unwrap_or(u64::MAX),
+            },
+            ..Config::default()
         }),
         symbols: Symbols::new(),
         decode_errors: 0,

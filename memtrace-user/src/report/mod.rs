@@ -121,8 +121,9 @@ impl SizeSummary {
         // A percentile is reported as its bucket's lower edge (exact for
         // sizes like 4096 or 5000), clamped to the exact range.
         let q = |q: f64| {
-            p.sizes
-                .lowest_equivalent(p.sizes.value_at_quantile(q))
+            p.dist
+                .sizes
+                .lowest_equivalent(p.dist.sizes.value_at_quantile(q))
                 .clamp(min, max)
         };
         Self {
@@ -252,7 +253,6 @@ fn process_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> Proce
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::agg::SizeFilter;
     use crate::event::{Alloc, Event};
     use memtrace_common::AllocFn;
     use std::collections::HashMap;
@@ -277,7 +277,7 @@ pub(crate) mod tests {
     }
 
     pub fn sample() -> (Aggregator, Table) {
-        let mut agg = Aggregator::new(SizeFilter::default());
+        let mut agg = Aggregator::new(crate::agg::Config::default());
         let mut ts = 0;
         let mut alloc = |addr, size, stack: &[u64]| {
             ts += 10;
