@@ -315,6 +315,8 @@ fn emit(
             .older_than
             .map(|ms| monotonic_ns().saturating_sub(ms * 1_000_000)),
         duration_s: started.elapsed().as_secs_f64(),
+        start_ns: 0,
+        views: vec![report::View::Leaks],
     };
     let r = report::build(&state.agg, &ledger, probes, &mut state.symbols, &opts);
     let written = match args.format {

@@ -38,6 +38,27 @@ pub struct Frame {
     /// Offset of the address in `module`.
     #[serde(skip)]
     pub module_offset: Option<u64>,
+    /// GNU build-id of `module`, hex, when it has one.
+    #[serde(skip)]
+    pub build_id: Option<String>,
+}
+
+impl Frame {
+    /// A short name for stack-shaped formats: the function, else
+    /// `module+0xoffset`, else the address.
+    pub fn label(&self) -> String {
+        if let Some(f) = &self.function {
+            return f.clone();
+        }
+        match &self.module {
+            Some(m) => format!(
+                "{}+{:#x}",
+                m.rsplit('/').next().unwrap_or(m),
+                self.module_offset.unwrap_or(0)
+            ),
+            None => format!("{:#x}", self.address),
+        }
+    }
 }
 
 fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -58,6 +79,7 @@ struct Module {
     path: String,
     /// Open while the process was alive; read through `/proc/self/fd`.
     file: Option<File>,
+    build_id: Option<String>,
 }
 
 struct Proc {
@@ -131,7 +153,9 @@ impl Symbols {
             };
             let id = p.modules[i];
             if self.modules[id].file.is_none() {
-                self.modules[id].file = open_mapped(pid, &p.maps[i]);
+                let file = open_mapped(pid, &p.maps[i]);
+                self.modules[id].build_id = file.as_ref().and_then(build_id);
+                self.modules[id].file = file;
             }
         }
     }
@@ -151,6 +175,7 @@ impl Symbols {
                 self.modules.push(Module {
                     path: m.path.clone(),
                     file: None,
+                    build_id: None,
                 });
                 self.modules.len() - 1
             });
@@ -168,6 +193,7 @@ impl Symbols {
             module: Some(m.path.clone()),
             address,
             module_offset: Some(offset),
+            build_id: m.build_id.clone(),
             ..Frame::default()
         };
         let Some(file) = &m.file else {
@@ -209,6 +235,15 @@ impl Symbols {
     }
 }
 
+/// The GNU build-id note of an ELF file, as hex.
+fn build_id(file: &File) -> Option<String> {
+    use object::Object;
+    // Reads only the headers and the note, not the whole file.
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache).ok()?;
+    let id = elf.build_id().ok()??;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+}
 /// Opens the file behind a mapping: through `map_files` (works across mount
 /// namespaces and for deleted files), else through the process's root, else
 /// by its path.

@@ -30,7 +30,7 @@ mod tests {
         let mut out = Vec::new();
         super::render(&r, &mut out).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["version"], 1);
+        assert_eq!(v["version"], 2);
         assert_eq!(v["mode"], "exact");
         let p = &v["processes"][0];
         assert_eq!(p["pid"], 42);

@@ -1,15 +1,18 @@
 //! Reports: plain data built from the aggregator's state, then rendered.
 //!
 //! [`build`] is pure apart from the [`Symbolize`] it is handed: it selects,
-//! sorts and cuts (`--top`, `--older-than`) the aggregator's stacks and
-//! resolves their frames. Renderers ([`text`], [`json`]) are separate
-//! functions of a [`Report`]. Nothing here reads the clock or `/proc`.
+//! sorts and cuts (`--top`, `--older-than`) the aggregator's stacks for the
+//! views asked for, and resolves their frames; [`samples`] lists every stack
+//! with its weights for the stack-shaped formats (flame graph, folded,
+//! pprof). Renderers, one file per format, are functions of those. Nothing
+//! here reads the clock or `/proc`.
 
 pub mod json;
 pub mod text;
 
 use std::collections::BTreeMap;
 
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::agg::{Aggregator, Process, StackId, Stats};
@@ -17,7 +20,135 @@ use crate::symbolize::{Frame, Symbolize};
 
 /// Version of the JSON layout. Fields may be added without a bump; none are
 /// removed or renamed without one.
-pub const REPORT_VERSION: u32 = 1;
+pub const REPORT_VERSION: u32 = 2;
+
+/// One angle on a trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum View {
+    /// Outstanding allocations at the end, by stack.
+    Leaks,
+    /// The high-water mark of live bytes per process, and what held them then.
+    Peak,
+    /// Allocations freed within `--temporary-ms` of being made, by stack.
+    Temporary,
+    /// Size and lifetime distributions, per process and per top stack.
+    Histograms,
+    /// Live bytes over time, per process.
+    Timeline,
+}
+
+impl View {
+    /// Every view, in the order the HTML report shows them.
+    pub const ALL: [View; 5] = [
+        View::Leaks,
+        View::Peak,
+        View::Temporary,
+        View::Histograms,
+        View::Timeline,
+    ];
+
+    /// Its name on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            View::Leaks => "leaks",
+            View::Peak => "peak",
+            View::Temporary => "temporary",
+            View::Histograms => "histograms",
+            View::Timeline => "timeline",
+        }
+    }
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Human-readable tables (every view).
+    Text,
+    /// One JSON document (every view; layout in the README).
+    Json,
+    /// Flame graph, SVG (views leaks, peak, temporary).
+    Flamegraph,
+    /// Folded stacks, `frame;frame;frame weight` (views leaks, peak, temporary).
+    Folded,
+    /// pprof profile, gzip-compressed protobuf (views leaks, peak, temporary).
+    Pprof,
+    /// One self-contained HTML page with every view.
+    Html,
+    /// SVG plot (view timeline).
+    Svg,
+    /// HdrHistogram interval log (view histograms).
+    Hlog,
+}
+
+impl Format {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Text => "text",
+            Format::Json => "json",
+            Format::Flamegraph => "flamegraph",
+            Format::Folded => "folded",
+            Format::Pprof => "pprof",
+            Format::Html => "html",
+            Format::Svg => "svg",
+            Format::Hlog => "hlog",
+        }
+    }
+
+    /// Whether it can show `view`.
+    pub fn shows(self, view: View) -> bool {
+        match self {
+            Format::Text | Format::Json | Format::Html => true,
+            Format::Flamegraph | Format::Folded | Format::Pprof => {
+                matches!(view, View::Leaks | View::Peak | View::Temporary)
+            }
+            Format::Svg => view == View::Timeline,
+            Format::Hlog => view == View::Histograms,
+        }
+    }
+}
+
+/// Which number weighs a stack in stack-shaped formats (see [`Sample`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Weight {
+    /// Bytes live (at the end, or at the peak).
+    LiveBytes,
+    /// Blocks live.
+    LiveCount,
+    /// Bytes allocated (for `temporary`: in temporary blocks).
+    TotalBytes,
+    /// Blocks allocated (likewise).
+    TotalCount,
+}
+
+impl Weight {
+    /// The default for a view: what it is about.
+    pub fn default_for(view: View) -> Self {
+        match view {
+            View::Temporary => Weight::TotalCount,
+            _ => Weight::LiveBytes,
+        }
+    }
+
+    /// The sample's value under this weight.
+    pub fn of(self, s: &Sample) -> u64 {
+        match self {
+            Weight::LiveBytes => s.live_bytes,
+            Weight::LiveCount => s.live_count,
+            Weight::TotalBytes => s.total_bytes,
+            Weight::TotalCount => s.total_count,
+        }
+    }
+
+    /// Unit name (`bytes` or `blocks`).
+    pub fn unit(self) -> &'static str {
+        match self {
+            Weight::LiveBytes | Weight::TotalBytes => "bytes",
+            Weight::LiveCount | Weight::TotalCount => "blocks",
+        }
+    }
+}
 
 /// What to show.
 #[derive(Clone, Debug, Default)]
@@ -29,6 +160,21 @@ pub struct Options {
     pub live_before_ns: Option<u64>,
     /// Length of the trace so far.
     pub duration_s: f64,
+    /// When the trace began (CLOCK_MONOTONIC ns); times in reports are
+    /// seconds from here.
+    pub start_ns: u64,
+    /// The views to build (the leaks table is always built).
+    pub views: Vec<View>,
+}
+
+impl Options {
+    fn seconds(&self, ts_ns: u64) -> f64 {
+        ts_ns.saturating_sub(self.start_ns) as f64 / 1e9
+    }
+
+    fn wants(&self, v: View) -> bool {
+        self.views.contains(&v)
+    }
 }
 
 /// Which allocator functions were probed in one file.
@@ -49,8 +195,12 @@ pub struct Probes {
 pub struct Report {
     /// [`REPORT_VERSION`].
     pub version: u32,
+    /// The views built, in JSON the one shown.
+    pub views: Vec<View>,
     /// Always `exact` for now (every call traced).
     pub mode: &'static str,
+    /// Blocks freed within this many ms count as temporary.
+    pub temporary_ms: f64,
     /// Seconds traced.
     pub duration_s: f64,
     /// Processes, most live bytes first.
@@ -95,6 +245,181 @@ pub struct ProcessReport {
     pub stacks: Vec<StackReport>,
     /// Stacks with allocations not shown because of `--top`.
     pub stacks_omitted: usize,
+    /// Seconds from the trace's start to this process's first event.
+    pub first_s: f64,
+    /// Seconds from the trace's start to its last event.
+    pub last_s: f64,
+    /// The high-water mark (view `peak`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak: Option<PeakReport>,
+    /// Short-lived allocations (view `temporary`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temporary: Option<TemporaryReport>,
+    /// Distributions (view `histograms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub histograms: Option<HistogramsReport>,
+    /// Live bytes over time (view `timeline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<TimelineReport>,
+}
+
+/// A process's high-water mark of live bytes and its breakdown at that
+/// moment.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeakReport {
+    /// Live bytes at the peak.
+    pub bytes: u64,
+    /// Live blocks at the peak.
+    pub count: u64,
+    /// Seconds from the trace's start to when the peak was first reached.
+    pub at_s: f64,
+    /// Stacks holding memory at the peak, most bytes first; their
+    /// `live_bytes`/`live_count` are the values at the peak.
+    pub stacks: Vec<StackReport>,
+    /// Stacks holding memory at the peak not shown because of `--top`.
+    pub stacks_omitted: usize,
+}
+
+/// Allocations freed within the threshold.
+#[derive(Clone, Debug, Serialize)]
+pub struct TemporaryReport {
+    /// Temporary blocks.
+    pub count: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Stacks with temporary allocations, most temporary blocks first.
+    pub stacks: Vec<TemporaryStack>,
+    /// Stacks with temporary allocations not shown because of `--top`.
+    pub stacks_omitted: usize,
+}
+
+/// One stack's temporary allocations.
+#[derive(Clone, Debug, Serialize)]
+pub struct TemporaryStack {
+    /// Temporary blocks.
+    pub count: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Every block allocated here.
+    pub total_count: u64,
+    /// Their bytes.
+    pub total_bytes: u64,
+    /// Caller of the allocator first.
+    pub frames: Vec<Frame>,
+}
+
+/// Size and lifetime distributions of a process and its top stacks.
+#[derive(Clone, Debug, Serialize)]
+pub struct HistogramsReport {
+    /// Allocation sizes, bytes.
+    pub sizes: Distribution,
+    /// Lifetimes of freed blocks, ns.
+    pub lifetimes: Distribution,
+    /// The top stacks by blocks allocated.
+    pub stacks: Vec<StackHistograms>,
+    /// Stacks not shown because of `--top`.
+    pub stacks_omitted: usize,
+}
+
+/// One stack's distributions.
+#[derive(Clone, Debug, Serialize)]
+pub struct StackHistograms {
+    /// Allocation sizes, bytes.
+    pub sizes: Distribution,
+    /// Lifetimes of freed blocks, ns.
+    pub lifetimes: Distribution,
+    /// Caller of the allocator first.
+    pub frames: Vec<Frame>,
+}
+
+/// A summary of one HdrHistogram. Values are within the histogram's
+/// precision (0.1% per process, 1% per stack) of the exact ones.
+#[derive(Clone, Debug, Serialize)]
+pub struct Distribution {
+    /// Values recorded.
+    pub count: u64,
+    /// Their mean.
+    pub mean: f64,
+    /// Smallest.
+    pub min: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest.
+    pub max: u64,
+    /// For bar charts: (upper bound of a power-of-two bucket, values in it),
+    /// for the non-empty buckets from the smallest to the largest value.
+    pub buckets: Vec<(u64, u64)>,
+    /// The histogram itself, for the HdrHistogram log export.
+    #[serde(skip)]
+    pub histogram: Histogram<u64>,
+}
+
+impl Distribution {
+    /// Summarizes `h`.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        let q = |q: f64| {
+            if h.is_empty() {
+                0
+            } else {
+                h.highest_equivalent(h.value_at_quantile(q)).min(h.max())
+            }
+        };
+        let mut buckets = Vec::new();
+        if !h.is_empty() {
+            let mut upper = 1u64;
+            let mut low = 0u64;
+            loop {
+                let n = h.count_between(low, upper);
+                if n > 0 {
+                    buckets.push((upper, n));
+                }
+                if upper >= h.max() {
+                    break;
+                }
+                low = upper + 1;
+                upper = upper.saturating_mul(2);
+            }
+        }
+        Self {
+            count: h.len(),
+            mean: if h.is_empty() { 0.0 } else { h.mean() },
+            min: if h.is_empty() { 0 } else { h.min() },
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: if h.is_empty() { 0 } else { h.max() },
+            buckets,
+            histogram: h.clone(),
+        }
+    }
+}
+
+/// Live bytes over time.
+#[derive(Clone, Debug, Serialize)]
+pub struct TimelineReport {
+    /// Width of one point, seconds.
+    pub step_s: f64,
+    /// Points: seconds from the trace's start to the point's start, the
+    /// most live bytes within it, and live bytes at its end.
+    pub points: Vec<TimelinePoint>,
+}
+
+/// One point of a timeline.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct TimelinePoint {
+    /// Seconds from the trace's start.
+    pub t_s: f64,
+    /// Most live bytes within the point.
+    pub max_bytes: u64,
+    /// Live bytes at its end.
+    pub end_bytes: u64,
 }
 
 /// Allocation sizes, in bytes: exact `min` and `max`; percentiles from an
@@ -183,7 +508,9 @@ pub fn build(
     lost.insert("missed_frees", agg.missed_frees());
     Report {
         version: REPORT_VERSION,
+        views: opts.views.clone(),
         mode: "exact",
+        temporary_ms: agg.config().temporary_ns as f64 / 1e6,
         duration_s: opts.duration_s,
         processes,
         lost,
@@ -216,11 +543,7 @@ fn process_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> Proce
     rows.sort_by(|(ia, a), (ib, b)| {
         (b.live_bytes, b.total_bytes, ia).cmp(&(a.live_bytes, a.total_bytes, ib))
     });
-    let shown = if opts.top == 0 {
-        rows.len()
-    } else {
-        opts.top.min(rows.len())
-    };
+    let shown = top(opts, rows.len());
     let stacks = rows[..shown]
         .iter()
         .map(|(id, s)| StackReport {
@@ -232,6 +555,27 @@ fn process_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> Proce
         })
         .collect();
     let t = p.totals;
+    let peak = opts.wants(View::Peak).then(|| peak_report(p, sym, opts));
+    let temporary = opts
+        .wants(View::Temporary)
+        .then(|| temporary_report(p, sym, opts));
+    let histograms = opts
+        .wants(View::Histograms)
+        .then(|| histograms_report(p, sym, opts));
+    let timeline = opts.wants(View::Timeline).then(|| TimelineReport {
+        step_s: p.timeline.step_ns as f64 / 1e9,
+        points: p
+            .timeline
+            .points
+            .iter()
+            .enumerate()
+            .map(|(i, &(max_bytes, end_bytes))| TimelinePoint {
+                t_s: opts.seconds(p.timeline.start_ns + i as u64 * p.timeline.step_ns),
+                max_bytes,
+                end_bytes,
+            })
+            .collect(),
+    });
     ProcessReport {
         pid: p.pid,
         comm: sym.comm(p.pid),
@@ -247,7 +591,173 @@ fn process_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> Proce
         sizes: SizeSummary::of(p),
         stacks,
         stacks_omitted: rows.len() - shown,
+        first_s: opts.seconds(p.first_ts_ns),
+        last_s: opts.seconds(p.last_ts_ns),
+        peak,
+        temporary,
+        histograms,
+        timeline,
     }
+}
+
+/// How many of `n` rows `--top` shows.
+fn top(opts: &Options, n: usize) -> usize {
+    if opts.top == 0 { n } else { opts.top.min(n) }
+}
+
+fn peak_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> PeakReport {
+    let at = p.peak_stacks();
+    let mut rows: Vec<(usize, (u64, u64))> = at
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, (bytes, _))| *bytes > 0)
+        .collect();
+    rows.sort_by(|(ia, a), (ib, b)| (b.0, b.1, ia).cmp(&(a.0, a.1, ib)));
+    let shown = top(opts, rows.len());
+    PeakReport {
+        bytes: p.peak.bytes,
+        count: p.peak.count,
+        at_s: opts.seconds(p.peak.ts_ns),
+        stacks: rows[..shown]
+            .iter()
+            .map(|&(id, (bytes, count))| {
+                let s = &p.stacks()[id];
+                StackReport {
+                    live_bytes: bytes,
+                    live_count: count,
+                    total_bytes: s.stats.total_bytes,
+                    total_count: s.stats.total_count,
+                    frames: sym.frames(p.pid, &s.frames),
+                }
+            })
+            .collect(),
+        stacks_omitted: rows.len() - shown,
+    }
+}
+
+fn temporary_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> TemporaryReport {
+    let mut rows: Vec<usize> = (0..p.stacks().len())
+        .filter(|&i| p.stacks()[i].temporary.count > 0)
+        .collect();
+    let key = |i: usize| {
+        let t = p.stacks()[i].temporary;
+        (t.count, t.bytes)
+    };
+    rows.sort_by(|&a, &b| (key(b), a).cmp(&(key(a), b)));
+    let shown = top(opts, rows.len());
+    TemporaryReport {
+        count: p.temporary.count,
+        bytes: p.temporary.bytes,
+        stacks: rows[..shown]
+            .iter()
+            .map(|&i| {
+                let s = &p.stacks()[i];
+                TemporaryStack {
+                    count: s.temporary.count,
+                    bytes: s.temporary.bytes,
+                    total_count: s.stats.total_count,
+                    total_bytes: s.stats.total_bytes,
+                    frames: sym.frames(p.pid, &s.frames),
+                }
+            })
+            .collect(),
+        stacks_omitted: rows.len() - shown,
+    }
+}
+
+fn histograms_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> HistogramsReport {
+    let mut rows: Vec<usize> = (0..p.stacks().len())
+        .filter(|&i| p.stacks()[i].stats.total_count > 0)
+        .collect();
+    let key = |i: usize| {
+        let s = p.stacks()[i].stats;
+        (s.total_count, s.total_bytes)
+    };
+    rows.sort_by(|&a, &b| (key(b), a).cmp(&(key(a), b)));
+    let shown = top(opts, rows.len());
+    HistogramsReport {
+        sizes: Distribution::of(&p.dist.sizes),
+        lifetimes: Distribution::of(&p.dist.lifetimes),
+        stacks: rows[..shown]
+            .iter()
+            .map(|&i| {
+                let s = &p.stacks()[i];
+                StackHistograms {
+                    sizes: Distribution::of(&s.dist.sizes),
+                    lifetimes: Distribution::of(&s.dist.lifetimes),
+                    frames: sym.frames(p.pid, &s.frames),
+                }
+            })
+            .collect(),
+        stacks_omitted: rows.len() - shown,
+    }
+}
+
+/// One stack with every weight a stack-shaped format may use.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    /// Process id.
+    pub pid: u32,
+    /// Its command name.
+    pub comm: Option<String>,
+    /// Caller of the allocator first.
+    pub frames: Vec<Frame>,
+    /// Bytes live (at the end for `leaks`, at the peak for `peak`; 0 for
+    /// `temporary`).
+    pub live_bytes: u64,
+    /// Blocks live, likewise.
+    pub live_count: u64,
+    /// Bytes allocated (for `temporary`: of blocks freed within the
+    /// threshold).
+    pub total_bytes: u64,
+    /// Blocks allocated, likewise.
+    pub total_count: u64,
+}
+
+/// Every stack of every process with its weights for `view` (`leaks`,
+/// `peak` or `temporary`), unsorted and uncut: stack-shaped formats show
+/// everything. Stacks whose weights are all zero are left out.
+pub fn samples(agg: &Aggregator, sym: &mut dyn Symbolize, view: View) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for p in agg.processes() {
+        let comm = sym.comm(p.pid);
+        let at_peak = (view == View::Peak).then(|| p.peak_stacks());
+        for (i, s) in p.stacks().iter().enumerate() {
+            let (live_bytes, live_count, total_bytes, total_count) = match view {
+                View::Peak => {
+                    let (b, c) = at_peak
+                        .as_ref()
+                        .and_then(|v| v.get(i).copied())
+                        .unwrap_or((0, 0));
+                    (b, c, s.stats.total_bytes, s.stats.total_count)
+                }
+                View::Temporary => (0, 0, s.temporary.bytes, s.temporary.count),
+                _ => (
+                    s.stats.live_bytes,
+                    s.stats.live_count,
+                    s.stats.total_bytes,
+                    s.stats.total_count,
+                ),
+            };
+            if live_bytes == 0 && total_bytes == 0 && live_count == 0 && total_count == 0 {
+                continue;
+            }
+            if view == View::Peak && live_bytes == 0 {
+                continue;
+            }
+            out.push(Sample {
+                pid: p.pid,
+                comm: comm.clone(),
+                frames: sym.frames(p.pid, &s.frames),
+                live_bytes,
+                live_count,
+                total_bytes,
+                total_count,
+            });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
