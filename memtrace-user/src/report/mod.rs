@@ -7,7 +7,13 @@
 //! pprof). Renderers, one file per format, are functions of those. Nothing
 //! here reads the clock or `/proc`.
 
+pub mod flame;
+pub mod folded;
+pub mod hlog;
+pub mod html;
 pub mod json;
+pub mod pprof;
+pub mod svg;
 pub mod text;
 
 use std::collections::BTreeMap;
