@@ -24,6 +24,7 @@ pub mod error;
 pub mod event;
 pub mod load;
 pub mod maps;
+pub mod record;
 pub mod report;
 pub mod session;
 pub mod symbolize;

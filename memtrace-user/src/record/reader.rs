@@ -1,0 +1,408 @@
+//! Reads a recording back, streaming: events go to a callback one by one as
+//! blocks are read, so memory is bounded by what the callback keeps (the
+//! aggregator's live blocks and stacks), not by the number of events.
+//!
+//! A damaged tail is not an error: reading stops at the first incomplete or
+//! corrupt block and [`Integrity`] says how many bytes were cut. A file that
+//! is not a recording, or one of a newer format, is an error.
+//!
+//! Not here: aggregation and reports (the caller's callback and `report`).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::Path;
+
+use flate2::read::DeflateDecoder;
+
+use super::events::{self, StackDef};
+use super::{
+    BLOCK_HEADER_LEN, Counters, HEADER_LEN, KIND_EVENTS, KIND_META, MAGIC, MAX_BLOCK, Meta,
+    RecFrame, Start, VERSION,
+};
+use crate::error::UserError;
+use crate::event::Event;
+use crate::report::Probes;
+use crate::symbolize::{Frame, Symbolize};
+
+/// How much of the file could be read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Integrity {
+    /// Size of the file.
+    pub file_bytes: u64,
+    /// Complete blocks read.
+    pub blocks: u64,
+    /// Bytes after the last complete block that could not be used.
+    pub cut_bytes: u64,
+    /// Whether the end block was reached (the writer finished cleanly).
+    pub complete: bool,
+    /// What was wrong where reading stopped early.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damage: Option<String>,
+}
+
+/// Everything but the events.
+#[derive(Debug)]
+pub struct Recording {
+    /// The run.
+    pub start: Start,
+    /// Probes attached.
+    pub probes: Vec<Probes>,
+    /// Loss counters, from the end block or else the last one written.
+    pub counters: Counters,
+    /// CLOCK_MONOTONIC ns at the end (else the last event's time).
+    pub end_ns: u64,
+    /// Seconds traced (else the span from start to the last event).
+    pub duration_s: f64,
+    /// Events read.
+    pub events: u64,
+    /// What could be read.
+    pub integrity: Integrity,
+    /// Process names and resolved frames.
+    pub symbols: RecordedSymbols,
+}
+
+/// The frames a recording carries, as a [`Symbolize`].
+#[derive(Debug, Default)]
+pub struct RecordedSymbols {
+    comms: HashMap<u32, Option<String>>,
+    frames: HashMap<(u32, u64), Vec<RecFrame>>,
+}
+
+impl Symbolize for RecordedSymbols {
+    fn frames(&mut self, pid: u32, stack: &[u64]) -> Vec<Frame> {
+        let mut out = Vec::with_capacity(stack.len());
+        for &addr in stack {
+            match self.frames.get(&(pid, addr)) {
+                Some(fs) if !fs.is_empty() => out.extend(fs.iter().map(|f| f.at(addr))),
+                _ => out.push(Frame {
+                    address: addr,
+                    ..Frame::default()
+                }),
+            }
+        }
+        out
+    }
+
+    fn comm(&self, pid: u32) -> Option<String> {
+        self.comms.get(&pid).cloned().flatten()
+    }
+}
+
+fn bad(path: &Path, what: impl std::fmt::Display) -> UserError {
+    UserError::new(
+        format!("{} is not a memtrace recording: {what}", path.display()),
+        "give a file written by `memtrace record -o FILE` or `memtrace --record FILE`",
+    )
+}
+
+/// Reads the recording at `path`, handing each event to `each` in order.
+pub fn replay(path: &Path, mut each: impl FnMut(&Event)) -> Result<Recording, UserError> {
+    let file = File::open(path).map_err(|e| {
+        UserError::new(
+            format!("cannot open the recording {}: {e}", path.display()),
+            "check the path and that you may read it",
+        )
+    })?;
+    let file_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut input = BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; HEADER_LEN];
+    input
+        .read_exact(&mut header)
+        .map_err(|_| bad(path, "it is shorter than a recording's header"))?;
+    if &header[..8] != MAGIC {
+        return Err(bad(path, "it does not start with MEMTRACE"));
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    if version > VERSION {
+        return Err(UserError::new(
+            format!(
+                "{} is a recording of format version {version}; this memtrace reads up to version {VERSION}",
+                path.display()
+            ),
+            "report it with a newer memtrace",
+        ));
+    }
+
+    let mut start: Option<Start> = None;
+    let mut probes = Vec::new();
+    let mut counters = Counters::default();
+    let mut end: Option<(u64, f64)> = None;
+    let mut symbols = RecordedSymbols::default();
+    let mut stacks: Vec<StackDef> = Vec::new();
+    let mut integrity = Integrity {
+        file_bytes,
+        ..Integrity::default()
+    };
+    let mut offset = HEADER_LEN as u64;
+    let mut events = 0u64;
+    let mut last_ts = 0u64;
+    let mut content = Vec::new();
+    let damage = loop {
+        let mut bh = [0u8; BLOCK_HEADER_LEN];
+        match read_full(&mut input, &mut bh) {
+            Ok(0) => break None,
+            Ok(n) if n < BLOCK_HEADER_LEN => break Some("the last block is incomplete".into()),
+            Ok(_) => {}
+            Err(e) => break Some(format!("read error: {e}")),
+        }
+        let len = u32::from_le_bytes(bh[0..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(bh[4..8].try_into().expect("4 bytes"));
+        let kind = bh[8];
+        if len > MAX_BLOCK {
+            break Some(format!("block at offset {offset} claims {len} bytes"));
+        }
+        let mut body = vec![0u8; len];
+        match read_full(&mut input, &mut body) {
+            Ok(n) if n == len => {}
+            Ok(_) => break Some("the last block is incomplete".into()),
+            Err(e) => break Some(format!("read error: {e}")),
+        }
+        let mut h = crc32fast::Hasher::new();
+        h.update(&[kind]);
+        h.update(&body);
+        if h.finalize() != crc {
+            break Some(format!("block at offset {offset} fails its checksum"));
+        }
+        content.clear();
+        if let Err(e) = DeflateDecoder::new(&body[..]).read_to_end(&mut content) {
+            break Some(format!("block at offset {offset} does not decompress: {e}"));
+        }
+        match kind {
+            KIND_EVENTS => {
+                let r = events::decode(&content, &mut stacks, |ev| {
+                    events += 1;
+                    last_ts = last_ts.max(match &ev {
+                        Event::Alloc(a) => a.ts_ns,
+                        Event::Free { ts_ns, .. } | Event::Exit { ts_ns, .. } => *ts_ns,
+                    });
+                    each(&ev);
+                });
+                if let Err(e) = r {
+                    break Some(format!("events at offset {offset}: {e}"));
+                }
+            }
+            KIND_META => match serde_json::from_slice::<Meta>(&content) {
+                Ok(Meta::Start(s)) => start = Some(s),
+                Ok(Meta::Probes { probes: p }) => {
+                    probes = p.into_iter().map(Probes::from).collect()
+                }
+                Ok(Meta::Process { pid, comm }) => {
+                    symbols.comms.insert(pid, comm);
+                }
+                Ok(Meta::Symbols { pid, addresses }) => {
+                    for (addr, frames) in addresses {
+                        symbols.frames.insert((pid, addr), frames);
+                    }
+                }
+                Ok(Meta::Counters(c)) => counters = c,
+                Ok(Meta::End {
+                    end_ns,
+                    duration_s,
+                    counters: c,
+                }) => {
+                    counters = c;
+                    end = Some((end_ns, duration_s));
+                }
+                // A block of a kind added later within the same version
+                // is skipped, not fatal.
+                Err(_) => {}
+            },
+            _ => {}
+        }
+        offset += (BLOCK_HEADER_LEN + len) as u64;
+        integrity.blocks += 1;
+    };
+    integrity.cut_bytes = file_bytes.saturating_sub(offset);
+    integrity.damage = damage;
+    integrity.complete = end.is_some();
+    let start = start.ok_or_else(|| bad(path, "its first block is missing or damaged"))?;
+    let (end_ns, duration_s) = end.unwrap_or_else(|| {
+        let end = last_ts.max(start.start_ns);
+        (end, end.saturating_sub(start.start_ns) as f64 / 1e9)
+    });
+    Ok(Recording {
+        start,
+        probes,
+        counters,
+        end_ns,
+        duration_s,
+        events,
+        integrity,
+        symbols,
+    })
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::writer::Recorder;
+    use super::*;
+    use crate::event::Alloc;
+    use memtrace_common::AllocFn;
+
+    struct NoSymbols;
+    impl Symbolize for NoSymbols {
+        fn frames(&mut self, _pid: u32, stack: &[u64]) -> Vec<Frame> {
+            stack
+                .iter()
+                .map(|&a| Frame {
+                    function: Some(format!("f{a:x}")),
+                    address: a,
+                    module_offset: Some(a - 0x1000),
+                    build_id: Some("abcd".into()),
+                    ..Frame::default()
+                })
+                .collect()
+        }
+        fn comm(&self, _pid: u32) -> Option<String> {
+            Some("prog".into())
+        }
+    }
+
+    fn start() -> Start {
+        Start {
+            memtrace: "test".into(),
+            start_ns: 1000,
+            start_unix_ms: 0,
+            host: "h".into(),
+            target: "t".into(),
+            argv: vec![],
+            min_size: 0,
+            max_size: u64::MAX,
+            temporary_ns: 1_000_000,
+        }
+    }
+
+    fn events(n: u64) -> Vec<Event> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            out.push(Event::Alloc(Alloc {
+                pid: 7,
+                tid: 7,
+                ts_ns: 2000 + i * 10,
+                entry_ts_ns: 1995 + i * 10,
+                addr: 0x10000 + (i % 8) * 32,
+                size: 24,
+                func: AllocFn::Malloc,
+                old_addr: None,
+                stack: vec![0x5000 + (i % 3), 0x6000],
+            }));
+            out.push(Event::Free {
+                pid: 7,
+                ts_ns: 2005 + i * 10,
+                addr: 0x10000 + (i % 8) * 32,
+            });
+        }
+        out
+    }
+
+    fn write(path: &Path, evs: &[Event], finish: bool) {
+        let mut rec = Recorder::create(path, start()).unwrap();
+        for (i, e) in evs.iter().enumerate() {
+            rec.record(e);
+            if i % 1000 == 999 {
+                rec.flush(&mut NoSymbols, &Counters::default()).unwrap();
+            }
+        }
+        let c = Counters {
+            traced_calls: evs.len() as u64,
+            ..Counters::default()
+        };
+        if finish {
+            rec.finish(&mut NoSymbols, &c, 99_000, 1.5).unwrap();
+        } else {
+            rec.flush(&mut NoSymbols, &c).unwrap();
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_events_symbols_and_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.mtr");
+        let evs = events(5000);
+        write(&path, &evs, true);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mut back = Vec::new();
+        let mut rec = replay(&path, |e| back.push(e.clone())).unwrap();
+        assert_eq!(back, evs);
+        assert!(rec.integrity.complete);
+        assert_eq!(rec.integrity.cut_bytes, 0);
+        assert_eq!((rec.end_ns, rec.duration_s), (99_000, 1.5));
+        assert_eq!(rec.counters.traced_calls, 10_000);
+        assert_eq!(rec.symbols.comm(7).as_deref(), Some("prog"));
+        let f = rec.symbols.frames(7, &[0x5001, 0x9999]);
+        assert_eq!(f[0].function.as_deref(), Some("f5001"));
+        assert_eq!(f[0].build_id.as_deref(), Some("abcd"));
+        assert_eq!(f[1].function, None);
+    }
+
+    #[test]
+    fn truncated_anywhere_reads_up_to_the_last_complete_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.mtr");
+        let evs = events(3000);
+        write(&path, &evs, false);
+        let full = std::fs::read(&path).unwrap();
+        let mut last_count = usize::MAX;
+        for cut in (HEADER_LEN + 1..full.len()).rev().step_by(97) {
+            std::fs::write(&path, &full[..cut]).unwrap();
+            let mut n = 0;
+            match replay(&path, |_| n += 1) {
+                Ok(rec) => {
+                    assert!(!rec.integrity.complete);
+                    assert_eq!(rec.events as usize, n);
+                    assert!(n <= last_count.min(evs.len()));
+                    last_count = n;
+                    if rec.integrity.cut_bytes > 0 {
+                        assert!(rec.integrity.damage.is_some());
+                    }
+                }
+                // Cut inside the first (start) block.
+                Err(e) => assert!(e.message.contains("first block"), "{}", e.message),
+            }
+        }
+        // A flipped byte in the middle stops reading there.
+        let mut bad = full.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0xff;
+        std::fs::write(&path, &bad).unwrap();
+        let rec = replay(&path, |_| {}).unwrap();
+        assert!(rec.integrity.cut_bytes > 0);
+        assert!(rec.events < evs.len() as u64);
+    }
+
+    #[test]
+    fn not_a_recording_and_newer_versions_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x");
+        std::fs::write(&path, b"hello world, not a recording").unwrap();
+        let e = replay(&path, |_| {}).unwrap_err();
+        assert!(
+            e.message.contains("not a memtrace recording"),
+            "{}",
+            e.message
+        );
+        let mut h = MAGIC.to_vec();
+        h.extend_from_slice(&(VERSION + 1).to_le_bytes());
+        h.extend_from_slice(&[0; 4]);
+        std::fs::write(&path, &h).unwrap();
+        let e = replay(&path, |_| {}).unwrap_err();
+        assert!(e.message.contains("format version"), "{}", e.message);
+    }
+}
