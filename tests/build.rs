@@ -33,6 +33,12 @@ const FIXTURES: &[Fixture] = &[
         cxx: true,
         flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
     },
+    Fixture {
+        source: "phases_fixture.c",
+        output: "phases_fixture",
+        cxx: false,
+        flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
+    },
     // No libc.so in this one: the "target without libc" error case.
     Fixture {
         source: "static_fixture.c",

@@ -1,18 +1,11 @@
 //! Command-line definitions (clap) and their pure validation. Nothing here
-//! touches the system: `session` acts on the parsed [`Args`].
+//! touches the system: `session`, `replay` and `diff` act on the parsed [`Cli`].
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
-/// Report formats.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Human-readable tables of stacks.
-    Text,
-    /// One JSON document per report (layout in the README).
-    Json,
-}
+use crate::report::{Format, View, Weight};
 
 const EXAMPLES: &str = "\
 EXAMPLES:
@@ -23,7 +16,15 @@ EXAMPLES:
     memtrace -p 4242 --format json -o leaks.json --top 0
                                      every stack, as JSON, into a file
     memtrace -p 4242 --older-than 10000
-                                     only blocks still live after 10 s (likely leaks)";
+                                     only blocks still live after 10 s (likely leaks)
+    memtrace record -o run.mtr -- ./job
+                                     record a run, then look at it from every angle:
+    memtrace report run.mtr --view peak
+    memtrace report run.mtr --format flamegraph -o leaks.svg
+    memtrace report run.mtr --format pprof -o heap.pb.gz
+    memtrace report run.mtr --format html -o run.html
+    memtrace diff before.mtr after.mtr
+                                     per-stack growth between two recordings";
 
 /// Exact tracing of heap allocations in live processes, with eBPF.
 ///
@@ -31,9 +32,37 @@ EXAMPLES:
 /// reallocarray, posix_memalign, aligned_alloc, memalign, valloc, pvalloc,
 /// free) and C++ operator new, records the call stack of every allocation,
 /// and reports which stacks hold how many bytes, with what it could not see.
+/// Without a subcommand it traces and reports live.
 #[derive(Debug, Parser)]
-#[command(name = "memtrace", version, after_help = EXAMPLES)]
-pub struct Args {
+#[command(
+    name = "memtrace",
+    version,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// What to do; tracing live when absent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Live tracing.
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace like the live command and write everything to a recording.
+    Record(RecordArgs),
+    /// Report from a recording, in any view and format.
+    Report(ReportArgs),
+    /// Per-stack growth between two recordings, or two times of one.
+    Diff(DiffArgs),
+}
+
+/// What to trace.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TargetArgs {
     /// Trace this process (repeat for several). Without --pid and without a
     /// command, every process on the host is traced.
     #[arg(short, long = "pid", value_name = "PID")]
@@ -44,35 +73,6 @@ pub struct Args {
     #[arg(short, long, value_name = "SECONDS")]
     pub duration: Option<f64>,
 
-    /// Also print a report every this many seconds.
-    #[arg(short, long, value_name = "SECONDS")]
-    pub interval: Option<f64>,
-
-    /// Stacks shown per process, most live bytes first; 0 shows all.
-    #[arg(long, default_value_t = 10, value_name = "N")]
-    pub top: usize,
-
-    /// Count only allocations of at least this many bytes.
-    #[arg(long, value_name = "BYTES")]
-    pub min_size: Option<u64>,
-
-    /// Count only allocations of at most this many bytes.
-    #[arg(long, value_name = "BYTES")]
-    pub max_size: Option<u64>,
-
-    /// Show only blocks still live this many milliseconds after they were
-    /// allocated (outstanding allocations older than MS).
-    #[arg(long, value_name = "MS")]
-    pub older_than: Option<u64>,
-
-    /// Report format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
-
-    /// Write reports to this file instead of standard output.
-    #[arg(short, long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
-
     /// Size of the kernel-to-user ring buffer, in MiB (a power of two).
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     pub ringbuf_size: u32,
@@ -82,7 +82,151 @@ pub struct Args {
     pub command: Vec<String>,
 }
 
-impl Args {
+/// What counts (shared by live tracing and reports).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CountArgs {
+    /// Count only allocations of at least this many bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub min_size: Option<u64>,
+
+    /// Count only allocations of at most this many bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub max_size: Option<u64>,
+
+    /// Allocations freed within this many milliseconds are temporary
+    /// [default: 1].
+    #[arg(long, value_name = "MS")]
+    pub temporary_ms: Option<f64>,
+}
+
+/// What to show and how.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ViewArgs {
+    /// The angle on the trace.
+    #[arg(long, value_enum, default_value_t = View::Leaks)]
+    pub view: View,
+
+    /// Output format (flamegraph, folded, pprof: views leaks, peak,
+    /// temporary; svg: timeline; hlog: histograms; html: everything).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// What weighs a stack in flamegraph and folded output [default:
+    /// live-bytes; total-count for --view temporary].
+    #[arg(long, value_enum, value_name = "WEIGHT")]
+    pub weight: Option<Weight>,
+
+    /// Draw the flame graph as an icicle (callers on top).
+    #[arg(long)]
+    pub icicle: bool,
+
+    /// Stacks shown per process, most bytes first; 0 shows all.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub top: usize,
+
+    /// Show only blocks still live this many milliseconds after they were
+    /// allocated (outstanding allocations older than MS).
+    #[arg(long, value_name = "MS")]
+    pub older_than: Option<u64>,
+
+    /// Write reports to this file instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+/// The live command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TraceArgs {
+    /// What to trace.
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// What counts.
+    #[command(flatten)]
+    pub count: CountArgs,
+    /// What to show.
+    #[command(flatten)]
+    pub view: ViewArgs,
+
+    /// Also print a report every this many seconds.
+    #[arg(short, long, value_name = "SECONDS")]
+    pub interval: Option<f64>,
+
+    /// Also write a recording of the run to this file.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+}
+
+/// `memtrace record`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "The recording is written as the trace runs (a crash or a full disk \
+leaves it readable up to its last complete block) with mode 0600."
+)]
+pub struct RecordArgs {
+    /// The recording to write.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// What to trace.
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Defaults for reports of this recording.
+    #[command(flatten)]
+    pub count: CountArgs,
+}
+
+/// `memtrace report`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReportArgs {
+    /// The recording.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// What counts [default: as when recorded].
+    #[command(flatten)]
+    pub count: CountArgs,
+    /// What to show.
+    #[command(flatten)]
+    pub view: ViewArgs,
+}
+
+/// Output formats of `memtrace diff`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiffFormat {
+    /// A table of the stacks that changed most.
+    Text,
+    /// One JSON document.
+    Json,
+    /// Folded stacks weighted by growth in bytes (shrinking stacks left out).
+    Folded,
+}
+
+/// `memtrace diff`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DiffArgs {
+    /// The earlier recording (or the only one, with --from/--to).
+    #[arg(value_name = "BEFORE")]
+    pub before: PathBuf,
+    /// The later recording.
+    #[arg(value_name = "AFTER")]
+    pub after: Option<PathBuf>,
+    /// With one recording: compare live bytes at this many seconds from its
+    /// start [default: 0]...
+    #[arg(long, value_name = "SECONDS")]
+    pub from: Option<f64>,
+    /// ...with live bytes at this many seconds [default: the end].
+    #[arg(long, value_name = "SECONDS")]
+    pub to: Option<f64>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = DiffFormat::Text)]
+    pub format: DiffFormat,
+    /// Stacks shown, largest change first; 0 shows all.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub top: usize,
+    /// Write to this file instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+impl TargetArgs {
     /// Checks that need no system access. The message names the option.
     pub fn validate(&self) -> Result<(), String> {
         if !self.pids.is_empty() && !self.command.is_empty() {
@@ -90,19 +234,12 @@ impl Args {
                 "--pid and a command (-- CMD) cannot be combined: trace one or the other".into(),
             );
         }
-        if let (Some(min), Some(max)) = (self.min_size, self.max_size)
-            && min > max
+        if let Some(v) = self.duration
+            && !(v.is_finite() && v > 0.0)
         {
-            return Err(format!("--min-size {min} is larger than --max-size {max}"));
-        }
-        for (name, v) in [("--duration", self.duration), ("--interval", self.interval)] {
-            if let Some(v) = v
-                && !(v.is_finite() && v > 0.0)
-            {
-                return Err(format!(
-                    "{name} must be a positive number of seconds, not {v}"
-                ));
-            }
+            return Err(format!(
+                "--duration must be a positive number of seconds, not {v}"
+            ));
         }
         if !self.ringbuf_size.is_power_of_two() || self.ringbuf_size > 1024 {
             return Err(format!(
@@ -127,47 +264,178 @@ impl Args {
     }
 }
 
+impl CountArgs {
+    /// Checks that need no system access.
+    pub fn validate(&self) -> Result<(), String> {
+        if let (Some(min), Some(max)) = (self.min_size, self.max_size)
+            && min > max
+        {
+            return Err(format!("--min-size {min} is larger than --max-size {max}"));
+        }
+        if let Some(t) = self.temporary_ms
+            && !(t.is_finite() && t >= 0.0)
+        {
+            return Err(format!(
+                "--temporary-ms must be a non-negative number of milliseconds, not {t}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ViewArgs {
+    /// Checks that need no system access.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.format.shows(self.view) {
+            return Err(format!(
+                "--format {} cannot show --view {}; {}",
+                self.format.name(),
+                self.view.name(),
+                match self.format {
+                    Format::Svg => "svg plots the timeline view",
+                    Format::Hlog => "hlog exports the histograms view",
+                    _ => "stack formats show the leaks, peak and temporary views",
+                }
+            ));
+        }
+        Ok(())
+    }
+
+    /// The weight of stacks in stack-shaped formats.
+    pub fn weight(&self) -> Weight {
+        self.weight.unwrap_or(Weight::default_for(self.view))
+    }
+}
+
+impl TraceArgs {
+    /// Checks that need no system access. The message names the option.
+    pub fn validate(&self) -> Result<(), String> {
+        self.target.validate()?;
+        self.count.validate()?;
+        self.view.validate()?;
+        if let Some(v) = self.interval
+            && !(v.is_finite() && v > 0.0)
+        {
+            return Err(format!(
+                "--interval must be a positive number of seconds, not {v}"
+            ));
+        }
+        if self.interval.is_some()
+            && matches!(
+                self.view.format,
+                Format::Pprof | Format::Flamegraph | Format::Html | Format::Svg | Format::Hlog
+            )
+            && self.view.output.is_some()
+        {
+            return Err(format!(
+                "--interval with --format {} would write several documents into one file; \
+                 record with --record and use memtrace report instead",
+                self.view.format.name()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl DiffArgs {
+    /// Checks that need no system access.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.after.is_some() && (self.from.is_some() || self.to.is_some()) {
+            return Err(
+                "--from/--to compare two times of one recording; give one recording, not two"
+                    .into(),
+            );
+        }
+        if let (Some(a), Some(b)) = (self.from, self.to)
+            && a > b
+        {
+            return Err(format!("--from {a} is later than --to {b}"));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
-        Args::try_parse_from(std::iter::once("memtrace").chain(args.iter().copied()))
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("memtrace").chain(args.iter().copied()))
+    }
+
+    fn live(args: &[&str]) -> TraceArgs {
+        let cli = parse(args).unwrap();
+        assert!(cli.command.is_none());
+        cli.trace
     }
 
     #[test]
     fn pids_repeat_and_command_follows_double_dash() {
-        let a = parse(&["-p", "1", "--pid", "2", "--top", "0"]).unwrap();
-        assert_eq!(a.pids, vec![1, 2]);
-        assert_eq!(a.top, 0);
-        let a = parse(&["--format", "json", "--", "./prog", "-x"]).unwrap();
-        assert_eq!(a.command, vec!["./prog", "-x"]);
-        assert_eq!(a.format, Format::Json);
-        assert!(!a.system_wide());
+        let a = live(&["-p", "1", "--pid", "2", "--top", "0"]);
+        assert_eq!(a.target.pids, vec![1, 2]);
+        assert_eq!(a.view.top, 0);
+        let a = live(&["--format", "json", "--", "./prog", "-x"]);
+        assert_eq!(a.target.command, vec!["./prog", "-x"]);
+        assert_eq!(a.view.format, Format::Json);
+        assert!(!a.target.system_wide());
     }
 
     #[test]
     fn defaults() {
-        let a = parse(&[]).unwrap();
-        assert!(a.system_wide());
-        assert_eq!(a.effective_duration(), Some(10.0));
-        assert_eq!(a.top, 10);
-        assert_eq!(a.format, Format::Text);
-        let a = parse(&["-p", "5"]).unwrap();
-        assert_eq!(a.effective_duration(), None);
+        let a = live(&[]);
+        assert!(a.target.system_wide());
+        assert_eq!(a.target.effective_duration(), Some(10.0));
+        assert_eq!(a.view.top, 10);
+        assert_eq!(a.view.format, Format::Text);
+        assert_eq!(a.view.view, View::Leaks);
+        assert_eq!(a.view.weight(), Weight::LiveBytes);
+        let a = live(&["-p", "5"]);
+        assert_eq!(a.target.effective_duration(), None);
+    }
+
+    #[test]
+    fn subcommands() {
+        let cli = parse(&["record", "-o", "x.mtr", "--", "ls", "-l"]).unwrap();
+        let Some(Command::Record(r)) = cli.command else {
+            panic!("not record")
+        };
+        assert_eq!(r.output, PathBuf::from("x.mtr"));
+        assert_eq!(r.target.command, vec!["ls", "-l"]);
+        let cli = parse(&[
+            "report", "x.mtr", "--view", "peak", "--format", "pprof", "-o", "p.pb.gz",
+        ])
+        .unwrap();
+        let Some(Command::Report(r)) = cli.command else {
+            panic!("not report")
+        };
+        assert_eq!((r.view.view, r.view.format), (View::Peak, Format::Pprof));
+        let cli = parse(&["diff", "a.mtr", "b.mtr"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Diff(_))));
+        assert!(parse(&["record"]).is_err(), "record needs -o");
     }
 
     #[test]
     fn conflicts_are_named() {
-        let a = parse(&["-p", "1", "--", "prog"]).unwrap();
+        let a = live(&["-p", "1", "--", "prog"]);
         assert!(a.validate().unwrap_err().contains("--pid and a command"));
-        let a = parse(&["--min-size", "10", "--max-size", "5"]).unwrap();
+        let a = live(&["--min-size", "10", "--max-size", "5"]);
         assert!(a.validate().unwrap_err().contains("--min-size 10"));
-        let a = parse(&["--duration=-1"]).unwrap();
+        let a = live(&["--duration=-1"]);
         assert!(a.validate().unwrap_err().contains("--duration"));
-        let a = parse(&["--ringbuf-size", "3"]).unwrap();
+        let a = live(&["--ringbuf-size", "3"]);
         assert!(a.validate().unwrap_err().contains("power of two"));
+        let a = live(&["--view", "timeline", "--format", "pprof"]);
+        assert!(
+            a.validate()
+                .unwrap_err()
+                .contains("cannot show --view timeline")
+        );
         assert!(parse(&["--no-such-flag"]).is_err());
         assert!(parse(&["-p", "abc"]).is_err());
+        let Some(Command::Diff(d)) = parse(&["diff", "a", "b", "--from", "1"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert!(d.validate().is_err());
     }
 }

@@ -20,11 +20,14 @@
 pub mod agg;
 pub mod attach;
 pub mod cli;
+pub mod diff;
 pub mod error;
 pub mod event;
 pub mod load;
 pub mod maps;
+pub mod output;
 pub mod record;
+pub mod replay;
 pub mod report;
 pub mod session;
 pub mod symbolize;

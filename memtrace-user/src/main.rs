@@ -1,10 +1,11 @@
-//! The `memtrace` binary: parse arguments, run a session, print errors as
-//! `memtrace: what` / `hint: what to do`, and exit with 0 (done), the traced
-//! command's own status (`-- CMD`), or 2 (error).
+//! The `memtrace` binary: parse arguments, run the subcommand (live tracing
+//! by default), print errors as `memtrace: what` / `hint: what to do`, and
+//! exit with 0 (done), the traced command's own status (`-- CMD`), or 2
+//! (error).
 use std::process::ExitCode;
 
 use clap::Parser;
-use memtrace::cli::Args;
+use memtrace::cli::{Cli, Command};
 
 /// memtrace's own heap is not libc's: when every process is traced, each
 /// libc malloc and free memtrace made would trap into its own probes, and
@@ -13,8 +14,8 @@ use memtrace::cli::Args;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
-        Ok(args) => args,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
@@ -30,7 +31,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(memtrace::session::run(args)) {
+    let result = match cli.command {
+        None => runtime.block_on(memtrace::session::run(cli.trace, false)),
+        Some(Command::Record(r)) => {
+            let mut trace = cli.trace;
+            trace.target = r.target;
+            trace.count = r.count;
+            trace.record = Some(r.output);
+            runtime.block_on(memtrace::session::run(trace, true))
+        }
+        Some(Command::Report(r)) => memtrace::replay::run(r),
+        Some(Command::Diff(d)) => memtrace::diff::run(d),
+    };
+    match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("memtrace: {}", e.message);

@@ -1,10 +1,11 @@
 //! One tracing run, from parsed arguments to the final report: pick targets,
 //! load and attach, then read the ring buffer until a stop condition
 //! (duration, Ctrl-C/SIGTERM, the command exited, every `--pid` target
-//! exited), printing interval reports on the way.
+//! exited), printing interval reports on the way and, when asked, writing
+//! every event to a recording (flushed once a second, closed at the end).
 //!
-//! This is glue: decoding, accounting, symbolization and rendering live in
-//! their own modules.
+//! This is glue: decoding, accounting, recording, symbolization and
+//! rendering live in their own modules.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -17,10 +18,13 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::agg::{Aggregator, Config, SizeFilter};
 use crate::attach::{self, LibKind, Library};
-use crate::cli::{Args, Format};
+use crate::cli::{CountArgs, TargetArgs, TraceArgs};
 use crate::error::{Result, UserError};
 use crate::event::{self, Event};
 use crate::load::Tracer;
+use crate::output::{self, Inputs};
+use crate::record::writer::Recorder;
+use crate::record::{Meta, ProbesMeta, Start};
 use crate::report::{self, Ledger, Probes};
 use crate::symbolize::Symbols;
 use crate::target::{self, GatedChild};
@@ -34,6 +38,7 @@ enum Stop {
     Duration,
     TargetsExited,
     Child(i32),
+    RecordingFailed,
 }
 
 /// Everything fed by the ring buffer.
@@ -41,14 +46,17 @@ struct State {
     agg: Aggregator,
     symbols: Symbols,
     decode_errors: u64,
+    recorder: Option<Recorder>,
 }
 
 impl State {
     fn handle(&mut self, bytes: &[u8]) {
         match event::decode(bytes) {
             Ok(ev) => {
-                let new = self.agg.on_event(&ev);
-                if let (Some(_), Event::Alloc(a)) = (new, &ev) {
+                let new = self.agg.on_event(&ev).is_some();
+                // The recording keeps stacks outside the size filter too.
+                let recorded_new = self.recorder.as_mut().is_some_and(|r| r.record(&ev));
+                if let (true, Event::Alloc(a)) = (new || recorded_new, &ev) {
                     self.symbols.observe(a.pid, &a.stack);
                 }
             }
@@ -81,7 +89,7 @@ fn monotonic_ns() -> u64 {
 }
 
 /// Libraries to probe for each target; `None` as pid means every process.
-fn plan(args: &Args, child: Option<&GatedChild>) -> Result<Vec<(Library, Option<u32>)>> {
+fn plan(args: &TargetArgs, child: Option<&GatedChild>) -> Result<Vec<(Library, Option<u32>)>> {
     if let Some(child) = child {
         let mut libs = attach::host_libraries();
         // Without libstdc++ there is no `operator new` to probe; each probe
@@ -141,21 +149,7 @@ fn plan(args: &Args, child: Option<&GatedChild>) -> Result<Vec<(Library, Option<
     Ok(libs.into_iter().map(|l| (l, None)).collect())
 }
 
-fn open_output(args: &Args) -> Result<Box<dyn Write>> {
-    match &args.output {
-        None => Ok(Box::new(std::io::stdout())),
-        Some(path) => std::fs::File::create(path)
-            .map(|f| Box::new(std::io::BufWriter::new(f)) as Box<dyn Write>)
-            .map_err(|e| {
-                UserError::new(
-                    format!("cannot write the report to {}: {e}", path.display()),
-                    "choose a writable path for --output",
-                )
-            }),
-    }
-}
-
-fn describe(args: &Args, child: Option<&GatedChild>) -> String {
+fn describe(args: &TargetArgs, child: Option<&GatedChild>) -> String {
     if let Some(child) = child {
         format!("command `{}` (PID {})", args.command.join(" "), child.pid)
     } else if !args.pids.is_empty() {
@@ -170,25 +164,89 @@ fn describe(args: &Args, child: Option<&GatedChild>) -> String {
     }
 }
 
-/// Runs the trace; returns the exit status.
-pub async fn run(args: Args) -> Result<i32> {
+/// The aggregator's settings from the command line (`defaults` from a
+/// recording, where options were not given).
+pub fn config(count: &CountArgs, defaults: Option<&Start>) -> Config {
+    let d = Config::default();
+    Config {
+        filter: SizeFilter {
+            min: count.min_size.or(defaults.map(|s| s.min_size)).unwrap_or(0),
+            max: count
+                .max_size
+                .or(defaults.map(|s| s.max_size))
+                .unwrap_or(u64::MAX),
+        },
+        temporary_ns: count
+            .temporary_ms
+            .map(|ms| (ms * 1e6) as u64)
+            .or(defaults.map(|s| s.temporary_ns))
+            .unwrap_or(d.temporary_ns),
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn start_recording(
+    path: &std::path::Path,
+    config: &Config,
+    start_ns: u64,
+    what: &str,
+) -> Result<Recorder> {
+    let start = Start {
+        memtrace: env!("CARGO_PKG_VERSION").into(),
+        start_ns,
+        start_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        host: host_name(),
+        target: what.into(),
+        argv: std::env::args().collect(),
+        min_size: config.filter.min,
+        max_size: config.filter.max,
+        temporary_ns: config.temporary_ns,
+    };
+    Recorder::create(path, start)
+}
+
+/// Runs the trace; returns the exit status. With `record_only`, nothing is
+/// reported: the run goes to the recording (`--record`), and a summary to
+/// standard error.
+pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     args.validate()
         .map_err(|m| UserError::new(m, "see memtrace --help"))?;
     target::check_privileges()?;
-    let mut out = open_output(&args)?;
+    let mut out = if record_only {
+        Box::new(std::io::sink())
+    } else {
+        output::open(args.view.output.as_deref())?
+    };
     // Caught from the start, so Ctrl-C while attaching still ends in a report.
     let signal_err =
         |e: std::io::Error| UserError::new(format!("cannot catch signals: {e}"), "this is a bug");
     let mut sigint = signal(SignalKind::interrupt()).map_err(signal_err)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(signal_err)?;
+    let config = config(&args.count, None);
+    let start_ns = monotonic_ns();
+    // Created before anything is attached, so a bad path costs nothing.
+    let mut recorder = match &args.record {
+        Some(path) => Some(start_recording(path, &config, start_ns, "")?),
+        None => None,
+    };
+    // A run that fails before tracing leaves no recording behind.
+    let mut unfinished = Unfinished(args.record.clone());
 
-    let child = if args.command.is_empty() {
+    let target_args = &args.target;
+    let child = if target_args.command.is_empty() {
         None
     } else {
-        Some(target::spawn_gated(&args.command)?)
+        Some(target::spawn_gated(&target_args.command)?)
     };
-    let plan = plan(&args, child.as_ref())?;
-    let mut tracer = Tracer::load(args.ringbuf_size << 20)?;
+    let plan = plan(target_args, child.as_ref())?;
+    let mut tracer = Tracer::load(target_args.ringbuf_size << 20)?;
     let mut probes: Vec<Probes> = Vec::new();
     for (lib, pid) in &plan {
         probes.push(tracer.attach(lib, *pid)?);
@@ -200,42 +258,52 @@ pub async fn run(args: Args) -> Result<i32> {
     let mut ring = registered.map_err(|e| {
         UserError::new(format!("cannot poll the ring buffer: {e}"), "this is a bug")
     })?;
+    let what = describe(target_args, child.as_ref());
+    if let Some(r) = &mut recorder {
+        r.meta(&Meta::Target {
+            target: what.clone(),
+        });
+        r.meta(&Meta::Probes {
+            probes: probes.iter().map(ProbesMeta::from).collect(),
+        });
+    }
 
     let mut state = State {
-        agg: Aggregator::new(Config {
-            filter: SizeFilter {
-                min: args.min_size.unwrap_or(0),
-                max: args.max_size.unwrap_or(u64::MAX),
-            },
-            ..Config::default()
-        }),
+        agg: Aggregator::new(config),
         symbols: Symbols::new(),
         decode_errors: 0,
+        recorder,
     };
-    for &pid in &args.pids {
+    for &pid in &target_args.pids {
         state.symbols.observe(pid, &[]);
     }
     let started = Instant::now();
-    let what = describe(&args, child.as_ref());
     let mut child_status = child.as_ref().map(|c| target::wait_in_background(c.pid));
     if let Some(child) = child {
         child.release();
     }
-    let until = args
+    let until = target_args
         .effective_duration()
         .map(|d| format!(" for {d} s"))
         .unwrap_or_default();
-    eprintln!("memtrace: tracing {what}{until}; stop with Ctrl-C");
+    let into = state
+        .recorder
+        .as_ref()
+        .map(|r| format!(", recording to {}", r.path().display()))
+        .unwrap_or_default();
+    eprintln!("memtrace: tracing {what}{until}{into}; stop with Ctrl-C");
+    unfinished.0 = None;
 
-    let deadline = args
+    let deadline = target_args
         .effective_duration()
         .map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));
     let period = args.interval.map(Duration::from_secs_f64);
     let mut next_report = period.map(|p| tokio::time::Instant::now() + p);
     let mut liveness = tokio::time::interval(Duration::from_millis(250));
+    let mut flush = tokio::time::interval(Duration::from_secs(1));
     // The most records the ring can hold (the smallest is 24 bytes, plus the
     // kernel's 8-byte record header).
-    let backlog = ((args.ringbuf_size as usize) << 20) / 32;
+    let backlog = ((target_args.ringbuf_size as usize) << 20) / 32;
 
     let stop = loop {
         tokio::select! {
@@ -252,12 +320,19 @@ pub async fn run(args: Args) -> Result<i32> {
             _ = sleep_until(deadline) => break Stop::Duration,
             _ = sleep_until(next_report) => {
                 state.drain(ring.get_mut(), backlog);
-                emit(&args, &mut state, &tracer, &probes, started, &mut out)?;
+                let now = Snapshot::take(&tracer, &state, started);
+                emit(&args, &mut state, &probes, &now, start_ns, &mut out)?;
                 next_report = period.map(|p| tokio::time::Instant::now() + p);
             }
+            _ = flush.tick(), if state.recorder.is_some() => {
+                let now = Snapshot::take(&tracer, &state, started);
+                if !state.flush_recording(&now) && record_only {
+                    break Stop::RecordingFailed;
+                }
+            }
             code = wait(&mut child_status) => break Stop::Child(code),
-            _ = liveness.tick(), if !args.pids.is_empty() => {
-                if args.pids.iter().all(|p| state.agg.has_exited(*p) || target::has_exited(*p)) {
+            _ = liveness.tick(), if !target_args.pids.is_empty() => {
+                if target_args.pids.iter().all(|p| state.agg.has_exited(*p) || target::has_exited(*p)) {
                     break Stop::TargetsExited;
                 }
             }
@@ -265,13 +340,132 @@ pub async fn run(args: Args) -> Result<i32> {
     };
     // What the ring holds now, not what a busy host keeps adding.
     state.drain(ring.get_mut(), backlog);
-    emit(&args, &mut state, &tracer, &probes, started, &mut out)?;
+    let now = Snapshot::take(&tracer, &state, started);
+    if !record_only {
+        emit(&args, &mut state, &probes, &now, start_ns, &mut out)?;
+    }
+    let recorded = state.finish_recording(&now);
     drop(ring);
     tracer.detach();
+    if let Some((path, bytes, events)) = &recorded {
+        summarize(path, *bytes, *events, now.ledger.traced_calls);
+    }
     Ok(match stop {
         Stop::Child(code) => code,
-        Stop::Signal | Stop::Duration | Stop::TargetsExited => 0,
+        Stop::RecordingFailed => 2,
+        Stop::Signal | Stop::Duration | Stop::TargetsExited => {
+            if args.record.is_some() && recorded.is_none() {
+                2
+            } else {
+                0
+            }
+        }
     })
+}
+
+/// Removes a recording on drop unless disarmed.
+struct Unfinished(Option<std::path::PathBuf>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn summarize(path: &std::path::Path, bytes: u64, events: u64, calls: u64) {
+    let per = |n: u64| {
+        if n == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.2}", bytes as f64 / n as f64)
+        }
+    };
+    eprintln!(
+        "memtrace: recorded {} events ({} traced calls) in {} bytes to {}: {} bytes per event, {} per traced call",
+        report::text::group(events),
+        report::text::group(calls),
+        report::text::group(bytes),
+        path.display(),
+        per(events),
+        per(calls),
+    );
+    eprintln!(
+        "memtrace: view it with `memtrace report {}` (--view leaks|peak|temporary|histograms|timeline, --format text|json|flamegraph|folded|pprof|html|svg|hlog)",
+        path.display()
+    );
+}
+
+/// What reports and the recording need to know at one moment.
+struct Snapshot {
+    ledger: Ledger,
+    now_ns: u64,
+    duration_s: f64,
+}
+
+impl Snapshot {
+    fn take(tracer: &Tracer, state: &State, started: Instant) -> Self {
+        let counters = tracer.counters();
+        Self {
+            ledger: Ledger {
+                kernel: counters
+                    .iter()
+                    .filter(|(c, _)| *c != Counter::Calls)
+                    .map(|(c, v)| (c.name(), *v))
+                    .collect(),
+                decode_errors: state.decode_errors,
+                traced_calls: counters
+                    .iter()
+                    .find(|(c, _)| *c == Counter::Calls)
+                    .map_or(0, |(_, v)| *v),
+            },
+            now_ns: monotonic_ns(),
+            duration_s: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+impl State {
+    /// Flushes the recording; on a write error, says so, stops recording
+    /// and returns false.
+    fn flush_recording(&mut self, now: &Snapshot) -> bool {
+        let Some(r) = &mut self.recorder else {
+            return true;
+        };
+        match r.flush(&mut self.symbols, &output::counters_of(&now.ledger)) {
+            Ok(()) => true,
+            Err(e) => {
+                recording_failed(r.path(), &e);
+                self.recorder = None;
+                false
+            }
+        }
+    }
+
+    /// Closes the recording; returns its path, size and events, or `None`
+    /// when it failed (and says so).
+    fn finish_recording(&mut self, now: &Snapshot) -> Option<(std::path::PathBuf, u64, u64)> {
+        let r = self.recorder.take()?;
+        let path = r.path().to_path_buf();
+        let events = r.events();
+        let counters = output::counters_of(&now.ledger);
+        match r.finish(&mut self.symbols, &counters, now.now_ns, now.duration_s) {
+            Ok(written) => Some((path, written, events)),
+            Err(e) => {
+                recording_failed(&path, &e);
+                None
+            }
+        }
+    }
+}
+
+fn recording_failed(path: &std::path::Path, e: &std::io::Error) {
+    eprintln!(
+        "memtrace: cannot write the recording {}: {e}; it stays readable up to its last complete block",
+        path.display()
+    );
+    eprintln!("hint: free disk space or record to another file system");
 }
 
 async fn sleep_until(t: Option<tokio::time::Instant>) {
@@ -289,48 +483,30 @@ async fn wait(rx: &mut Option<tokio::sync::oneshot::Receiver<i32>>) -> i32 {
 }
 
 fn emit(
-    args: &Args,
+    args: &TraceArgs,
     state: &mut State,
-    tracer: &Tracer,
     probes: &[Probes],
-    started: Instant,
+    now: &Snapshot,
+    start_ns: u64,
     out: &mut Box<dyn Write>,
 ) -> Result<()> {
-    let counters = tracer.counters();
-    let ledger = Ledger {
-        kernel: counters
-            .iter()
-            .filter(|(c, _)| *c != Counter::Calls)
-            .map(|(c, v)| (c.name(), *v))
-            .collect(),
-        decode_errors: state.decode_errors,
-        traced_calls: counters
-            .iter()
-            .find(|(c, _)| *c == Counter::Calls)
-            .map_or(0, |(_, v)| *v),
-    };
     let opts = report::Options {
-        top: args.top,
+        top: args.view.top,
         live_before_ns: args
+            .view
             .older_than
-            .map(|ms| monotonic_ns().saturating_sub(ms * 1_000_000)),
-        duration_s: started.elapsed().as_secs_f64(),
-        start_ns: 0,
-        views: vec![report::View::Leaks],
+            .map(|ms| now.now_ns.saturating_sub(ms * 1_000_000)),
+        duration_s: now.duration_s,
+        start_ns,
+        views: Vec::new(),
     };
-    let r = report::build(&state.agg, &ledger, probes, &mut state.symbols, &opts);
-    let written = match args.format {
-        Format::Text => report::text::render(&r, out),
-        Format::Json => report::json::render(&r, out),
-    }
-    .and_then(|()| out.flush());
-    match written {
-        Ok(()) => Ok(()),
-        // A closed pipe (`| head`) is the reader's choice, not an error.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(UserError::new(
-            format!("cannot write the report: {e}"),
-            "check the output path and free disk space",
-        )),
-    }
+    let input = Inputs {
+        agg: &state.agg,
+        ledger: &now.ledger,
+        probes,
+        sym: &mut state.symbols,
+        opts,
+        recording: None,
+    };
+    output::emit(&args.view, input, out)
 }

@@ -62,6 +62,11 @@ pub const MAX_BLOCK: usize = 64 << 20;
 pub enum Meta {
     /// First block: the run.
     Start(Start),
+    /// What was traced, once known (after the start block).
+    Target {
+        /// As memtrace described it.
+        target: String,
+    },
     /// Where probes were attached.
     Probes {
         /// As in the live report.
@@ -106,7 +111,8 @@ pub struct Start {
     pub start_unix_ms: u64,
     /// Host name.
     pub host: String,
-    /// What was traced, as memtrace described it.
+    /// What was traced, as memtrace described it (also in a later
+    /// [`Meta::Target`]).
     pub target: String,
     /// memtrace's command line.
     pub argv: Vec<String>,

@@ -98,6 +98,22 @@ fn bad(path: &Path, what: impl std::fmt::Display) -> UserError {
 
 /// Reads the recording at `path`, handing each event to `each` in order.
 pub fn replay(path: &Path, mut each: impl FnMut(&Event)) -> Result<Recording, UserError> {
+    scan(path, &mut each, &mut |_| true)
+}
+
+/// Reads only the start block: the run's settings, which the aggregator
+/// needs before the first event.
+pub fn read_start(path: &Path) -> Result<Start, UserError> {
+    Ok(scan(path, &mut |_| {}, &mut |m| !matches!(m, Meta::Start(_)))?.start)
+}
+
+/// Reads blocks until the end, damage, or `more` returns false after a meta
+/// block.
+fn scan(
+    path: &Path,
+    each: &mut dyn FnMut(&Event),
+    more: &mut dyn FnMut(&Meta) -> bool,
+) -> Result<Recording, UserError> {
     let file = File::open(path).map_err(|e| {
         UserError::new(
             format!("cannot open the recording {}: {e}", path.display()),
@@ -183,7 +199,20 @@ pub fn replay(path: &Path, mut each: impl FnMut(&Event)) -> Result<Recording, Us
                 }
             }
             KIND_META => match serde_json::from_slice::<Meta>(&content) {
+                Ok(meta) if !more(&meta) => {
+                    if let Meta::Start(s) = meta {
+                        start = Some(s);
+                    }
+                    offset += (BLOCK_HEADER_LEN + len) as u64;
+                    integrity.blocks += 1;
+                    break None;
+                }
                 Ok(Meta::Start(s)) => start = Some(s),
+                Ok(Meta::Target { target }) => {
+                    if let Some(s) = &mut start {
+                        s.target = target;
+                    }
+                }
                 Ok(Meta::Probes { probes: p }) => {
                     probes = p.into_iter().map(Probes::from).collect()
                 }

@@ -108,10 +108,11 @@ impl Recorder {
         self.events
     }
 
-    /// Appends an event.
-    pub fn record(&mut self, event: &Event) {
+    /// Appends an event. Returns whether it defined a new stack (whose
+    /// process the caller should snapshot for symbols now).
+    pub fn record(&mut self, event: &Event) -> bool {
         if self.file.is_none() {
-            return;
+            return false;
         }
         let pid = match event {
             Event::Alloc(a) => a.pid,
@@ -121,6 +122,7 @@ impl Recorder {
             self.pending_pids.push(pid);
         }
         let mut stack = 0;
+        let mut new = false;
         if let Event::Alloc(a) = event {
             stack = match self.stack_ids.get(&(a.pid, a.stack.as_slice().into())) {
                 Some(&id) => id,
@@ -130,6 +132,7 @@ impl Recorder {
                     self.enc.stack(a.pid, &frames);
                     self.pending_stacks.push((a.pid, frames.clone()));
                     self.stack_ids.insert((a.pid, frames), id);
+                    new = true;
                     id
                 }
             };
@@ -139,6 +142,7 @@ impl Recorder {
         if self.enc.len() >= BLOCK_TARGET {
             self.flush_events();
         }
+        new
     }
 
     /// Writes buffered events, the names of new processes, the frames of
@@ -180,14 +184,15 @@ impl Recorder {
         self.take_error()
     }
 
-    /// Flushes, writes the end block and closes the file.
+    /// Flushes, writes the end block and closes the file; returns the
+    /// file's size.
     pub fn finish(
         mut self,
         sym: &mut dyn Symbolize,
         counters: &Counters,
         end_ns: u64,
         duration_s: f64,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<u64> {
         self.flush(sym, counters)?;
         self.meta(&Meta::End {
             end_ns,
@@ -199,7 +204,7 @@ impl Recorder {
         {
             self.fail(e);
         }
-        self.take_error()
+        self.take_error().map(|()| self.written)
     }
 
     /// Writes a [`Meta`] block (after the events buffered so far, so that

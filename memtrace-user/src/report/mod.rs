@@ -217,6 +217,9 @@ pub struct Report {
     pub traced_calls: u64,
     /// Where probes were attached.
     pub probes: Vec<Probes>,
+    /// For a report from a recording: how much of it could be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recording: Option<crate::record::reader::Integrity>,
 }
 
 /// One process instance.
@@ -367,13 +370,20 @@ pub struct Distribution {
 }
 
 impl Distribution {
-    /// Summarizes `h`.
+    /// Summarizes `h`. Each value is reported as the lower edge of its
+    /// histogram bucket (exact for round sizes like 256 or 65,536, never
+    /// above the true value), capped by the largest.
     pub fn of(h: &Histogram<u64>) -> Self {
+        let max = if h.is_empty() {
+            0
+        } else {
+            h.lowest_equivalent(h.max())
+        };
         let q = |q: f64| {
             if h.is_empty() {
                 0
             } else {
-                h.highest_equivalent(h.value_at_quantile(q)).min(h.max())
+                h.lowest_equivalent(h.value_at_quantile(q)).min(max)
             }
         };
         let mut buckets = Vec::new();
@@ -400,7 +410,7 @@ impl Distribution {
             p90: q(0.9),
             p99: q(0.99),
             p999: q(0.999),
-            max: if h.is_empty() { 0 } else { h.max() },
+            max,
             buckets,
             histogram: h.clone(),
         }
@@ -522,6 +532,7 @@ pub fn build(
         lost,
         traced_calls: ledger.traced_calls,
         probes: probes.to_vec(),
+        recording: None,
     }
 }
 

@@ -1,16 +1,33 @@
-//! The human report: per process, the top stacks by live bytes with their
-//! frames, then the loss ledger (zeros printed too).
+//! The human report, one view at a time: a header (mode, duration, probes),
+//! per process its summary line and the view's body, then the loss ledger
+//! (zeros printed too).
 //!
-//! Byte counts are exact, with thousands separators; human units appear only
-//! next to them, never instead of them.
+//! Bodies: `leaks` lists the top stacks by live bytes; `peak` the
+//! high-water mark and what held it; `temporary` the blocks freed within
+//! the threshold; `histograms` percentile tables and power-of-two bar charts
+//! of sizes and lifetimes; `timeline` a small ASCII chart of live bytes.
+//! A process whose report lacks the view's section (it was not built) gets
+//! its summary line only. Nothing here computes statistics: every number
+//! comes from [`Report`].
+//!
+//! Byte counts and nanoseconds are exact, with thousands separators; human
+//! units appear only next to them, never instead of them.
+//!
+//! ```text
+//! PID 42 (server): 528,484 B live in 3 blocks [516.1 KiB]; ...
+//!   peak: 3,149,824 B [3.0 MiB] in 3 blocks at 0.010 s
+//! ```
 
 use std::io::{self, Write};
 
-use super::{ProcessReport, Report};
+use super::{
+    Distribution, HistogramsReport, PeakReport, ProcessReport, Report, TemporaryReport,
+    TimelineReport, View,
+};
 use crate::symbolize::Frame;
 
-/// Writes the report as text.
-pub fn render(r: &Report, out: &mut dyn Write) -> io::Result<()> {
+/// Writes `view` of the report as text.
+pub fn render(r: &Report, view: View, out: &mut dyn Write) -> io::Result<()> {
     let shown: Vec<&ProcessReport> = r.processes.iter().filter(|p| p.total_count > 0).collect();
     writeln!(
         out,
@@ -41,7 +58,30 @@ pub fn render(r: &Report, out: &mut dyn Write) -> io::Result<()> {
     }
     for p in &shown {
         writeln!(out)?;
-        process(p, out)?;
+        process_header(p, out)?;
+        match view {
+            View::Leaks => leaks(p, out)?,
+            View::Peak => {
+                if let Some(peak) = &p.peak {
+                    peak_body(peak, out)?;
+                }
+            }
+            View::Temporary => {
+                if let Some(t) = &p.temporary {
+                    temporary(r.temporary_ms, p, t, out)?;
+                }
+            }
+            View::Histograms => {
+                if let Some(h) = &p.histograms {
+                    histograms(h, out)?;
+                }
+            }
+            View::Timeline => {
+                if let Some(t) = &p.timeline {
+                    timeline(t, p.peak.as_ref(), out)?;
+                }
+            }
+        }
     }
     let quiet = r.processes.len() - shown.len();
     if quiet > 0 {
@@ -64,7 +104,7 @@ pub fn render(r: &Report, out: &mut dyn Write) -> io::Result<()> {
     Ok(())
 }
 
-fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
+fn process_header(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
         "PID {} ({}){}: {} B live in {} blocks [{}]; {} B allocated in {} blocks; {} B freed in {}",
@@ -78,7 +118,10 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
         group(p.total_count),
         group(p.freed_bytes),
         group(p.freed_count),
-    )?;
+    )
+}
+
+fn leaks(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     if p.total_count > 0 {
         let z = &p.sizes;
         writeln!(
@@ -108,18 +151,298 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
             group(s.total_bytes),
             group(s.total_count),
         )?;
-        if s.frames.is_empty() {
-            writeln!(out, "      [stack not captured]")?;
-        }
-        for f in &s.frames {
-            writeln!(out, "      {}", frame(f))?;
+        frames(&s.frames, out)?;
+    }
+    omitted(p.stacks_omitted, out)
+}
+
+fn peak_body(peak: &PeakReport, out: &mut dyn Write) -> io::Result<()> {
+    writeln!(
+        out,
+        "  peak: {} B [{}] in {} blocks at {:.3} s",
+        group(peak.bytes),
+        human(peak.bytes),
+        group(peak.count),
+        peak.at_s
+    )?;
+    for s in &peak.stacks {
+        writeln!(
+            out,
+            "  {} B in {} blocks at the peak ({} B in {} blocks allocated) from:",
+            group(s.live_bytes),
+            group(s.live_count),
+            group(s.total_bytes),
+            group(s.total_count),
+        )?;
+        frames(&s.frames, out)?;
+    }
+    omitted(peak.stacks_omitted, out)
+}
+
+fn temporary(
+    ms: f64,
+    p: &ProcessReport,
+    t: &TemporaryReport,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    writeln!(
+        out,
+        "  temporary (freed within {ms} ms): {} blocks, {} B [{}] of {} blocks allocated",
+        group(t.count),
+        group(t.bytes),
+        human(t.bytes),
+        group(p.total_count),
+    )?;
+    for s in &t.stacks {
+        writeln!(
+            out,
+            "  {} temporary blocks, {} B, of {} blocks, {} B allocated from:",
+            group(s.count),
+            group(s.bytes),
+            group(s.total_count),
+            group(s.total_bytes),
+        )?;
+        frames(&s.frames, out)?;
+    }
+    omitted(t.stacks_omitted, out)
+}
+
+/// Widest bar of a histogram chart, in characters.
+const BAR_WIDTH: u64 = 40;
+
+/// A statistic of a [`Distribution`] (other than its count): its name in
+/// tables, and how to read it.
+pub(super) type Stat = (&'static str, fn(&Distribution) -> u64);
+
+/// The statistics shown in percentile tables, in order.
+pub(super) const STATS: [Stat; 7] = [
+    ("mean", |d| d.mean.round() as u64),
+    ("min", |d| d.min),
+    ("p50", |d| d.p50),
+    ("p90", |d| d.p90),
+    ("p99", |d| d.p99),
+    ("p99.9", |d| d.p999),
+    ("max", |d| d.max),
+];
+
+fn histograms(h: &HistogramsReport, out: &mut dyn Write) -> io::Result<()> {
+    // A two-column table: the rows are the statistics, so that the wide
+    // cells (exact value plus human unit) stack instead of running on.
+    let mut cells = vec![("count", group(h.sizes.count), group(h.lifetimes.count))];
+    for (name, f) in STATS {
+        cells.push((
+            name,
+            Unit::Bytes.or_dash(&h.sizes, f(&h.sizes)),
+            Unit::Nanos.or_dash(&h.lifetimes, f(&h.lifetimes)),
+        ));
+    }
+    let w = cells
+        .iter()
+        .map(|c| c.1.chars().count())
+        .chain(["sizes".len()])
+        .max()
+        .unwrap_or(0);
+    writeln!(out, "  {:<7}{:<w$}   lifetimes", "", "sizes")?;
+    for (name, sizes, lifetimes) in &cells {
+        writeln!(out, "  {name:<7}{sizes:<w$}   {lifetimes}")?;
+    }
+    bars("sizes", &h.sizes, Unit::Bytes, out)?;
+    bars("lifetimes", &h.lifetimes, Unit::Nanos, out)?;
+    for (i, s) in h.stacks.iter().enumerate() {
+        writeln!(
+            out,
+            "  stack {}: {} blocks allocated, {} freed, from:",
+            i + 1,
+            group(s.sizes.count),
+            group(s.lifetimes.count)
+        )?;
+        frames(&s.frames, out)?;
+        writeln!(out, "    sizes: {}", compact(&s.sizes, Unit::Bytes))?;
+        writeln!(out, "    lifetimes: {}", compact(&s.lifetimes, Unit::Nanos))?;
+    }
+    omitted(h.stacks_omitted, out)
+}
+
+/// What a distribution's values are.
+#[derive(Clone, Copy)]
+enum Unit {
+    Bytes,
+    Nanos,
+}
+
+impl Unit {
+    /// `4,096 B [4.0 KiB]`, `16,384 ns [16.4 µs]`; the human part only when
+    /// it says something the exact one does not.
+    fn show(self, v: u64) -> String {
+        match self {
+            Unit::Bytes if v < 1024 => format!("{v} B"),
+            Unit::Bytes => format!("{} B [{}]", group(v), human(v)),
+            Unit::Nanos if v < 1000 => format!("{v} ns"),
+            Unit::Nanos => format!("{} ns [{}]", group(v), human_ns(v)),
         }
     }
-    if p.stacks_omitted > 0 {
+
+    /// Like [`Unit::show`], but `-` for an empty distribution, whose
+    /// statistics are placeholders.
+    fn or_dash(self, d: &Distribution, v: u64) -> String {
+        if d.count == 0 {
+            "-".into()
+        } else {
+            self.show(v)
+        }
+    }
+}
+
+/// One line per non-empty power-of-two bucket, bars scaled to the fullest.
+fn bars(name: &str, d: &Distribution, unit: Unit, out: &mut dyn Write) -> io::Result<()> {
+    let Some(most) = d.buckets.iter().map(|b| b.1).max() else {
+        return writeln!(out, "  {name}: no values");
+    };
+    writeln!(out, "  {name}:")?;
+    let labels: Vec<String> = d
+        .buckets
+        .iter()
+        .map(|(upper, _)| format!("<= {}", unit.show(*upper)))
+        .collect();
+    let w = labels.iter().map(|l| l.chars().count()).max().unwrap_or(0);
+    for (label, (_, n)) in labels.iter().zip(&d.buckets) {
+        // Rounded up, so that a bucket with one value still shows.
+        let len = (n * BAR_WIDTH).div_ceil(most) as usize;
+        writeln!(
+            out,
+            "    {label:>w$}  {:<width$}  {}",
+            "#".repeat(len),
+            group(*n),
+            width = BAR_WIDTH as usize
+        )?;
+    }
+    Ok(())
+}
+
+/// `20 values; p50 64 B, p90 64 B, p99 64 B, max 64 B`.
+fn compact(d: &Distribution, unit: Unit) -> String {
+    if d.count == 0 {
+        return "no values".into();
+    }
+    format!(
+        "{} values; p50 {}, p90 {}, p99 {}, max {}",
+        group(d.count),
+        unit.show(d.p50),
+        unit.show(d.p90),
+        unit.show(d.p99),
+        unit.show(d.max)
+    )
+}
+
+/// Columns and rows of the timeline chart.
+const CHART_COLUMNS: usize = 60;
+const CHART_ROWS: u64 = 10;
+
+fn timeline(t: &TimelineReport, peak: Option<&PeakReport>, out: &mut dyn Write) -> io::Result<()> {
+    let (Some(first), Some(last)) = (t.points.first(), t.points.last()) else {
+        return writeln!(out, "  timeline: no points");
+    };
+    // Downsampled by max, so a spike narrower than a column still shows.
+    let n = t.points.len();
+    let cols = n.min(CHART_COLUMNS);
+    let columns: Vec<u64> = (0..cols)
+        .map(|c| {
+            t.points[c * n / cols..(c + 1) * n / cols]
+                .iter()
+                .map(|p| p.max_bytes)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let top = columns.iter().copied().max().unwrap_or(0);
+    if top == 0 {
+        return writeln!(out, "  timeline: no live bytes");
+    }
+    let heights: Vec<u64> = columns
+        .iter()
+        .map(|v| (v * CHART_ROWS).div_ceil(top))
+        .collect();
+    // The first column that reaches the top is the peak's.
+    let peak_col = columns.iter().position(|&v| v == top);
+    let end_s = last.t_s + t.step_s;
+    let step = human_ns((t.step_s * 1e9).round() as u64);
+    let squeezed = if cols < n {
+        format!(" ({} points in {cols} columns)", group(n as u64))
+    } else {
+        String::new()
+    };
+    writeln!(
+        out,
+        "  live bytes, highest per {step} point{squeezed}, {:.3} s to {end_s:.3} s:",
+        first.t_s,
+    )?;
+    let top_label = format!("{} B", group(top));
+    let w = top_label.len();
+    for row in (1..=CHART_ROWS).rev() {
+        let label = match row {
+            CHART_ROWS => top_label.clone(),
+            r if r == CHART_ROWS / 2 => format!("{} B", group(top / 2)),
+            _ => String::new(),
+        };
+        let line: String = heights
+            .iter()
+            .enumerate()
+            .map(|(c, &h)| match h {
+                h if h < row => ' ',
+                h if h == row && Some(c) == peak_col => '*',
+                _ => '#',
+            })
+            .collect();
+        writeln!(out, "  {label:>w$} |{}", line.trim_end())?;
+    }
+    writeln!(out, "  {:>w$} +{}", "0 B", "-".repeat(cols))?;
+    let left = format!("{:.3} s", first.t_s);
+    let right = format!("{end_s:.3} s");
+    let gap = (cols + 1).saturating_sub(left.len() + right.len()).max(1);
+    writeln!(out, "  {:>w$}  {left}{}{right}", "", " ".repeat(gap))?;
+    match peak {
+        Some(p) => writeln!(
+            out,
+            "  peak (*): {} B [{}] in {} blocks at {:.3} s",
+            group(p.bytes),
+            human(p.bytes),
+            group(p.count),
+            p.at_s
+        ),
+        None => {
+            let at = t
+                .points
+                .iter()
+                .find(|p| p.max_bytes == top)
+                .map_or(0.0, |p| p.t_s);
+            writeln!(
+                out,
+                "  peak (*): {} B [{}] within {:.3} s to {:.3} s",
+                group(top),
+                human(top),
+                at,
+                at + t.step_s
+            )
+        }
+    }
+}
+
+fn frames(fs: &[Frame], out: &mut dyn Write) -> io::Result<()> {
+    if fs.is_empty() {
+        writeln!(out, "      [stack not captured]")?;
+    }
+    for f in fs {
+        writeln!(out, "      {}", frame(f))?;
+    }
+    Ok(())
+}
+
+fn omitted(n: usize, out: &mut dyn Write) -> io::Result<()> {
+    if n > 0 {
         writeln!(
             out,
             "  ... {} more stacks (--top 0 shows all)",
-            group(p.stacks_omitted as u64)
+            group(n as u64)
         )?;
     }
     Ok(())
@@ -173,10 +496,286 @@ pub fn human(v: u64) -> String {
     }
 }
 
+/// `1500` → `1.5 µs`; ns, µs, ms or s, whichever keeps the number under
+/// 1000.
+pub fn human_ns(v: u64) -> String {
+    const UNITS: [(f64, &str); 4] = [(1.0, "ns"), (1e3, "µs"), (1e6, "ms"), (1e9, "s")];
+    if v < 1000 {
+        return format!("{v} ns");
+    }
+    let mut u = 1;
+    // Move up while the rounded number would read 1000.0 or more.
+    while u + 1 < UNITS.len() && v as f64 / UNITS[u].0 >= 999.95 {
+        u += 1;
+    }
+    format!("{:.1} {}", v as f64 / UNITS[u].0, UNITS[u].1)
+}
+
 #[cfg(test)]
-mod tests {
-    use super::super::{Ledger, Options, build, tests::sample};
+pub(crate) mod tests {
+    use memtrace_common::AllocFn;
+
+    use super::super::{Ledger, Options, Probes, TimelinePoint, build, tests::sample};
     use super::*;
+    use crate::agg::{Aggregator, Config};
+    use crate::event::{Alloc, Event};
+    use crate::symbolize::Symbolize;
+
+    /// When the fixture's trace began (CLOCK_MONOTONIC ns).
+    pub const START_NS: u64 = 1_000_000_000;
+
+    /// Names for the fixture's addresses and command names for its pids,
+    /// with the awkward cases: C++ templates (`<`, `&`), a frame with only
+    /// a module, an unknown address, a stack not captured.
+    pub struct Names;
+
+    impl Symbolize for Names {
+        fn frames(&mut self, _pid: u32, stack: &[u64]) -> Vec<Frame> {
+            stack
+                .iter()
+                .map(|&address| {
+                    let (function, file, line) = match address {
+                        0x40_1000 => (Some("cache_grow"), None, None),
+                        0x40_1100 => (Some("load_file"), Some("io.c"), Some(88)),
+                        0x40_1200 => (Some("format_line"), None, None),
+                        0x40_1300 => (
+                            Some("std::vector<int>::push_back"),
+                            Some("stl_vector.h"),
+                            Some(1283),
+                        ),
+                        0x40_1900 => (Some("main"), Some("server.c"), Some(42)),
+                        0x50_1000 => (Some("build<T&>"), None, None),
+                        0x50_1100 => (Some("scratch"), None, None),
+                        0x50_1900 => (Some("start"), None, None),
+                        _ => (None, None, None),
+                    };
+                    let module = (address == 0x7f_1234).then(|| "/usr/lib/libfoo.so".to_string());
+                    Frame {
+                        function: function.map(str::to_string),
+                        file: file.map(str::to_string),
+                        line,
+                        module_offset: module.as_ref().map(|_| 0x1234),
+                        module,
+                        address,
+                        ..Frame::default()
+                    }
+                })
+                .collect()
+        }
+
+        fn comm(&self, pid: u32) -> Option<String> {
+            match pid {
+                42 => Some("server".into()),
+                77 => Some("tmpl<&>".into()),
+                _ => None,
+            }
+        }
+    }
+
+    fn malloc(pid: u32, ms: f64, addr: u64, size: u64, stack: &[u64]) -> Event {
+        let ts_ns = START_NS + (ms * 1e6).round() as u64;
+        Event::Alloc(Alloc {
+            pid,
+            tid: pid,
+            ts_ns,
+            entry_ts_ns: ts_ns - 1,
+            addr,
+            size,
+            func: AllocFn::Malloc,
+            old_addr: None,
+            stack: stack.to_vec(),
+        })
+    }
+
+    fn free(pid: u32, ms: f64, addr: u64) -> Event {
+        Event::Free {
+            pid,
+            ts_ns: START_NS + (ms * 1e6).round() as u64,
+            addr,
+        }
+    }
+
+    /// Three processes over 60 ms. PID 42 peaks at 3,149,824 B at 10 ms
+    /// (three big blocks), frees two of them, and ends with 528,784 B in 4
+    /// blocks; in between, 20 small blocks live 10–29 µs (temporary). PID 77
+    /// peaks at 600 B, has one temporary block and exits. PID 99 only frees
+    /// a block from before tracing.
+    pub fn events() -> Vec<Event> {
+        const MAIN: u64 = 0x40_1900;
+        let mut e = vec![
+            malloc(42, 1.0, 0x1000, 4096, &[0x40_1000, MAIN]),
+            malloc(42, 2.0, 0x2000, 1 << 20, &[0x40_1100, MAIN]),
+        ];
+        for i in 0..20u64 {
+            let at = 3.0 + i as f64 * 0.1;
+            let addr = 0x10000 + i * 0x100;
+            e.push(malloc(
+                42,
+                at,
+                addr,
+                64 + (i % 4) * 32,
+                &[0x40_1200, 0x7f_1234, MAIN],
+            ));
+            e.push(free(42, at + 0.010 + i as f64 * 0.001, addr));
+        }
+        e.extend([
+            malloc(77, 5.0, 0x1000, 300, &[0x50_1000, 0x50_1900]),
+            malloc(77, 6.0, 0x1100, 300, &[0x50_1000, 0x50_1900]),
+            free(77, 7.0, 0x1000),
+            malloc(77, 7.5, 0x1200, 48, &[0x50_1100, 0x50_1900]),
+            free(77, 7.6, 0x1200),
+            free(99, 8.0, 0xbeef),
+            malloc(42, 10.0, 0x3000, 2 << 20, &[0x40_1300, MAIN]),
+            free(42, 20.0, 0x3000),
+            free(42, 25.0, 0x2000),
+            malloc(42, 30.0, 0x4000, 512 << 10, &[0x40_1100, MAIN]),
+            malloc(42, 40.0, 0x5000, 100, &[]),
+            free(42, 45.0, 0xdead),
+            malloc(42, 50.0, 0x6000, 300, &[0x7f_0000, MAIN]),
+            Event::Exit {
+                pid: 77,
+                ts_ns: START_NS + 60_000_000,
+            },
+        ]);
+        e
+    }
+
+    /// [`events`], aggregated.
+    pub fn aggregator() -> Aggregator {
+        let mut agg = Aggregator::new(Config::default());
+        for e in &events() {
+            agg.on_event(e);
+        }
+        agg
+    }
+
+    /// The report of [`events`] with every view built.
+    pub fn rich() -> Report {
+        rich_with(View::ALL.to_vec())
+    }
+
+    /// The report of [`events`] with `views` built.
+    pub fn rich_with(views: Vec<View>) -> Report {
+        let agg = aggregator();
+        let ledger = Ledger {
+            kernel: vec![("ringbuf_full", 0), ("stack_lost", 1)],
+            decode_errors: 0,
+            traced_calls: 61,
+        };
+        let probes = [Probes {
+            module: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
+            pids: vec![],
+            functions: ["malloc", "calloc", "realloc", "free"]
+                .map(String::from)
+                .to_vec(),
+            missing: vec!["pvalloc".into()],
+        }];
+        let opts = Options {
+            views,
+            start_ns: START_NS,
+            duration_s: 0.06,
+            top: 10,
+            ..Options::default()
+        };
+        build(&agg, &ledger, &probes, &mut Names, &opts)
+    }
+
+    fn text(r: &Report, view: View) -> String {
+        let mut out = Vec::new();
+        render(r, view, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn every_view_matches_its_snapshot() {
+        let r = rich();
+        for view in View::ALL {
+            insta::assert_snapshot!(format!("view_{}", view.name()), text(&r, view));
+        }
+    }
+
+    #[test]
+    fn fixture_has_the_numbers_its_doc_promises() {
+        let r = rich();
+        let p = &r.processes[0];
+        assert_eq!((p.pid, p.live_bytes, p.live_count), (42, 528_784, 4));
+        let peak = p.peak.as_ref().unwrap();
+        assert_eq!((peak.bytes, peak.count), (3_149_824, 3));
+        assert!((peak.at_s - 0.010).abs() < 1e-9, "{}", peak.at_s);
+        assert_eq!(p.temporary.as_ref().unwrap().count, 20);
+        assert_eq!(r.processes[1].temporary.as_ref().unwrap().count, 1);
+        assert_eq!(r.processes.len(), 3);
+    }
+
+    #[test]
+    fn views_not_built_print_only_the_process_header() {
+        let r = rich_with(vec![View::Leaks]);
+        for view in [
+            View::Peak,
+            View::Temporary,
+            View::Histograms,
+            View::Timeline,
+        ] {
+            let t = text(&r, view);
+            let body: Vec<&str> = t.lines().filter(|l| l.starts_with("  ")).collect();
+            assert!(body.is_empty(), "{view:?}: {t}");
+            assert!(
+                t.contains("PID 42 (server): 528,784 B live in 4 blocks"),
+                "{t}"
+            );
+            assert!(t.contains("\nnot seen: "), "{t}");
+        }
+    }
+
+    #[test]
+    fn leaks_view_is_the_same_whatever_else_was_built() {
+        assert_eq!(
+            text(&rich(), View::Leaks),
+            text(&rich_with(vec![View::Leaks]), View::Leaks)
+        );
+    }
+
+    #[test]
+    fn timeline_chart_is_downsampled_by_max() {
+        // 600 points, one spike of one point: it must survive the squeeze
+        // into 60 columns and be the marked peak.
+        let points = (0..600)
+            .map(|i| TimelinePoint {
+                t_s: i as f64 * 0.001,
+                max_bytes: if i == 333 { 10_000 } else { 1_000 },
+                end_bytes: 1_000,
+            })
+            .collect();
+        let t = TimelineReport {
+            step_s: 0.001,
+            points,
+        };
+        let mut out = Vec::new();
+        timeline(&t, None, &mut out).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        let rows: Vec<&str> = s.lines().filter(|l| l.contains('|')).collect();
+        assert_eq!(rows.len(), CHART_ROWS as usize, "{s}");
+        assert_eq!(
+            rows[0].split('|').nth(1),
+            Some(&*format!("{}*", " ".repeat(33))),
+            "{s}"
+        );
+        assert!(rows[9].ends_with(&"#".repeat(60)), "{s}");
+        assert!(s.contains("(600 points in 60 columns)"), "{s}");
+        assert!(
+            s.contains("peak (*): 10,000 B [9.8 KiB] within 0.333 s to 0.334 s"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn nanoseconds_are_humanized() {
+        assert_eq!(human_ns(0), "0 ns");
+        assert_eq!(human_ns(999), "999 ns");
+        assert_eq!(human_ns(1_500), "1.5 µs");
+        assert_eq!(human_ns(999_999), "1.0 ms");
+        assert_eq!(human_ns(2_500_000_000), "2.5 s");
+    }
 
     #[test]
     fn numbers_are_grouped_and_humanized() {
@@ -198,7 +797,7 @@ mod tests {
         };
         let r = build(&agg, &ledger, &[], &mut table, &Options::default());
         let mut out = Vec::new();
-        render(&r, &mut out).unwrap();
+        render(&r, View::Leaks, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(
             text.contains("PID 42 (prog): 5,200 B live in 3 blocks"),
