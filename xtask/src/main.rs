@@ -66,7 +66,7 @@ fn main() {
     let cli = Cli::parse();
     util::put_cargo_bin_on_path();
     let result = match cli.command {
-        Command::Setup => setup::run(),
+        Command::Setup => setup::for_tests(),
         Command::Build { debug } => build::run(debug).map(|bin| println!("{}", bin.display())),
         Command::Run { args } => run::run(&args),
         Command::Test { args } => test::run(&args),

@@ -5,7 +5,9 @@
 //! - rust-src for the nightly toolchain (aya-build compiles the eBPF crate with
 //!   `rustup run nightly cargo build -Z build-std=core`);
 //! - bpf-linker 0.10.0 in cargo's bin directory;
-//! - the Debian packages the tests need (as root, with apt-get);
+//! - the Debian packages builds need, and for `cargo xtask test` and
+//!   `cargo xtask setup` also those only the tests need (as root, with
+//!   apt-get; `apt-get update` once, only when something is missing);
 //! - tracefs at /sys/kernel/tracing (as root; a failure is only a warning).
 //!
 //! It does not install rustup or toolchains (nightly cannot be fetched here),
@@ -23,17 +25,32 @@ use crate::util::{self, exec, output};
 /// machine lacks and fail to link (`unable to find library -lLLVM`).
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
-/// Debian packages the tests need: gcc and g++ build the C and C++ fixtures,
-/// libc6-dev has the static libc for the static fixture, util-linux has
-/// setpriv.
+/// Debian packages builds and tests need: gcc and g++ build the C and C++
+/// fixtures (and gcc links), libc6-dev has the static libc for the static
+/// fixture, util-linux has setpriv.
 const DEBIAN_PACKAGES: &[&str] = &["gcc", "g++", "libc6-dev", "util-linux"];
+
+/// Debian packages only the tests need: `go tool pprof` reads memtrace's
+/// pprof output, and headless Chromium renders its HTML report.
+const TEST_PACKAGES: &[&str] = &["golang-go", "chromium"];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
+/// What building and running memtrace needs.
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
-    debian_packages()?;
+    debian_packages(DEBIAN_PACKAGES)?;
+    tracefs();
+    Ok(())
+}
+
+/// What the tests need too.
+pub fn for_tests() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    let all: Vec<&str> = DEBIAN_PACKAGES.iter().chain(TEST_PACKAGES).copied().collect();
+    debian_packages(&all)?;
     tracefs();
     Ok(())
 }
@@ -117,21 +134,21 @@ fn is_wanted_bpf_linker(version: &str) -> bool {
     version.split_whitespace().any(|w| w == BPF_LINKER_VERSION)
 }
 
-fn debian_packages() -> anyhow::Result<()> {
+fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
     if output(Command::new("dpkg-query").arg("--version")).is_none() {
         eprintln!(
             "setup: warning: no dpkg-query (not Debian?): make sure these are installed: {}",
-            DEBIAN_PACKAGES.join(" ")
+            packages.join(" ")
         );
         return Ok(());
     }
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !is_installed(p))
         .collect();
     if missing.is_empty() {
-        eprintln!("setup: Debian packages ({}): ok", DEBIAN_PACKAGES.join(" "));
+        eprintln!("setup: Debian packages ({}): ok", packages.join(" "));
         return Ok(());
     }
     let missing = missing.join(" ");

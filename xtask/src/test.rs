@@ -21,7 +21,7 @@ use crate::{
 };
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    setup::run()?;
+    setup::for_tests()?;
     exec(util::cargo().args(["fmt", "--all", "--", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     let bin = build::memtrace(false)?;
