@@ -8,7 +8,7 @@
 //! rendering live in their own modules.
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
 use memtrace_common::Counter;
@@ -277,7 +277,6 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     for &pid in &target_args.pids {
         state.symbols.observe(pid, &[]);
     }
-    let started = Instant::now();
     let mut child_status = child.as_ref().map(|c| target::wait_in_background(c.pid));
     if let Some(child) = child {
         child.release();
@@ -320,12 +319,12 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
             _ = sleep_until(deadline) => break Stop::Duration,
             _ = sleep_until(next_report) => {
                 state.drain(ring.get_mut(), backlog);
-                let now = Snapshot::take(&tracer, &state, started);
+                let now = Snapshot::take(&tracer, &state, start_ns);
                 emit(&args, &mut state, &probes, &now, start_ns, &mut out)?;
                 next_report = period.map(|p| tokio::time::Instant::now() + p);
             }
             _ = flush.tick(), if state.recorder.is_some() => {
-                let now = Snapshot::take(&tracer, &state, started);
+                let now = Snapshot::take(&tracer, &state, start_ns);
                 if !state.flush_recording(&now) && record_only {
                     break Stop::RecordingFailed;
                 }
@@ -340,7 +339,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     };
     // What the ring holds now, not what a busy host keeps adding.
     state.drain(ring.get_mut(), backlog);
-    let now = Snapshot::take(&tracer, &state, started);
+    let now = Snapshot::take(&tracer, &state, start_ns);
     if !record_only {
         emit(&args, &mut state, &probes, &now, start_ns, &mut out)?;
     }
@@ -405,8 +404,11 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take(tracer: &Tracer, state: &State, started: Instant) -> Self {
+    /// `start_ns`: when memtrace began, before attaching (probes fire
+    /// from the first attach on, so that is when tracing began).
+    fn take(tracer: &Tracer, state: &State, start_ns: u64) -> Self {
         let counters = tracer.counters();
+        let now_ns = monotonic_ns();
         Self {
             ledger: Ledger {
                 kernel: counters
@@ -420,8 +422,8 @@ impl Snapshot {
                     .find(|(c, _)| *c == Counter::Calls)
                     .map_or(0, |(_, v)| *v),
             },
-            now_ns: monotonic_ns(),
-            duration_s: started.elapsed().as_secs_f64(),
+            now_ns,
+            duration_s: now_ns.saturating_sub(start_ns) as f64 / 1e9,
         }
     }
 }

@@ -434,4 +434,56 @@ mod tests {
         let e = replay(&path, |_| {}).unwrap_err();
         assert!(e.message.contains("format version"), "{}", e.message);
     }
+
+    /// Writes a large synthetic recording for the bounded-memory check of
+    /// `memtrace report` (see README, "Recordings"):
+    /// `MEMTRACE_BIG=/tmp/big.mtr MEMTRACE_BIG_EVENTS=100000000 cargo test
+    /// --release -p memtrace --lib big_recording -- --ignored`, then
+    /// `/usr/bin/time -v memtrace report /tmp/big.mtr`.
+    #[test]
+    #[ignore = "writes a large file; run by hand"]
+    fn big_recording() {
+        let path = std::env::var("MEMTRACE_BIG").unwrap_or("/tmp/big.mtr".into());
+        let n: u64 = std::env::var("MEMTRACE_BIG_EVENTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000_000);
+        let mut rec = Recorder::create(Path::new(&path), start()).unwrap();
+        // Pairs of malloc and free from 1,000 stacks; 4,096 blocks live at
+        // any time, so the aggregator's state stays small however long.
+        let mut ts = 2000;
+        for i in 0..n / 2 {
+            ts += 100 + (i % 7) * 13;
+            let addr = 0x10_0000 + ((i % 4096) * 64);
+            if i >= 4096 {
+                rec.record(&Event::Free {
+                    pid: 7,
+                    ts_ns: ts,
+                    addr,
+                });
+            }
+            rec.record(&Event::Alloc(Alloc {
+                pid: 7,
+                tid: 7 + (i % 4) as u32,
+                ts_ns: ts + 50,
+                entry_ts_ns: ts + 10,
+                addr,
+                size: 16 + (i * 37) % 4081,
+                func: AllocFn::Malloc,
+                old_addr: None,
+                stack: vec![0x5000 + (i % 1000), 0x6000 + (i % 10), 0x7000],
+            }));
+            if i % 1_000_000 == 0 {
+                rec.flush(&mut NoSymbols, &Counters::default()).unwrap();
+            }
+        }
+        let c = Counters {
+            traced_calls: n,
+            ..Counters::default()
+        };
+        let bytes = rec
+            .finish(&mut NoSymbols, &c, ts + 100, ts as f64 / 1e9)
+            .unwrap();
+        eprintln!("{path}: {n} events, {bytes} bytes");
+    }
 }

@@ -83,6 +83,7 @@ td.mt-num { text-align: right; white-space: nowrap; font-variant-numeric: tabula
 .mt-frames { font-family: ui-monospace, monospace; font-size: 12px; }
 .mt-frames ol { margin: 2px 0; padding-left: 20px; }
 .mt-scroll { overflow-x: auto; }
+#mt-flame .mt-scroll > svg { display: block; width: 100%; }
 .mt-bars td { border: none; padding: 0 6px; }
 .mt-bar { background: #4c78a8; height: 12px; min-width: 1px; }
 .mt-hint { background: #fff4d6; padding: 4px 8px; }

@@ -386,22 +386,14 @@ impl Distribution {
                 h.lowest_equivalent(h.value_at_quantile(q)).min(max)
             }
         };
-        let mut buckets = Vec::new();
-        if !h.is_empty() {
-            let mut upper = 1u64;
-            let mut low = 0u64;
-            loop {
-                let n = h.count_between(low, upper);
-                if n > 0 {
-                    buckets.push((upper, n));
-                }
-                if upper >= h.max() {
-                    break;
-                }
-                low = upper + 1;
-                upper = upper.saturating_mul(2);
-            }
+        // Each recorded bucket goes whole into the power of two above its
+        // lower edge, so no value counts twice.
+        let mut bars: BTreeMap<u64, u64> = BTreeMap::new();
+        for v in h.iter_recorded() {
+            let low = h.lowest_equivalent(v.value_iterated_to());
+            *bars.entry(low.max(1).next_power_of_two()).or_default() += v.count_at_value();
         }
+        let buckets = bars.into_iter().collect();
         Self {
             count: h.len(),
             mean: if h.is_empty() { 0.0 } else { h.mean() },
@@ -885,5 +877,27 @@ pub(crate) mod tests {
         assert_eq!(p.stacks.len(), 1);
         assert_eq!(p.stacks[0].live_bytes, 200);
         assert_eq!(p.stacks[0].total_bytes, 200);
+    }
+
+    #[test]
+    fn distribution_buckets_count_each_value_once_and_percentiles_are_lower_edges() {
+        let mut h = Histogram::<u64>::new(3).unwrap();
+        for v in [1, 256, 256, 4096, 4097, 1 << 20, 65536] {
+            h.record(v).unwrap();
+        }
+        let d = Distribution::of(&h);
+        assert_eq!(d.buckets.iter().map(|b| b.1).sum::<u64>(), 7);
+        assert_eq!(
+            d.buckets,
+            vec![
+                (1, 1),
+                (256, 2),
+                (4096, 1),
+                (8192, 1),
+                (65536, 1),
+                (1 << 20, 1)
+            ]
+        );
+        assert_eq!((d.min, d.p50, d.max), (1, 4096, 1 << 20));
     }
 }

@@ -10,11 +10,11 @@
 //! its summary line only. Nothing here computes statistics: every number
 //! comes from [`Report`].
 //!
-//! Byte counts and nanoseconds are exact, with thousands separators; human
-//! units appear only next to them, never instead of them.
+//! Byte counts and nanoseconds are printed in full, with thousands
+//! separators; human units appear only next to them, never instead of them.
 //!
 //! ```text
-//! PID 42 (server): 528,484 B live in 3 blocks [516.1 KiB]; ...
+//! PID 42 (server): 528,784 B live in 4 blocks [516.4 KiB]; ...
 //!   peak: 3,149,824 B [3.0 MiB] in 3 blocks at 0.010 s
 //! ```
 
