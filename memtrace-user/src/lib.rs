@@ -7,14 +7,20 @@
 //! cli ─► session ─► target / attach / load ─► (kernel: memtrace-ebpf)
 //!                                               │ ring buffer records
 //!            event::decode ◄────────────────────┘
-//!                 │ Event
-//!            agg::Aggregator (pure) ─► report::build ─► report::{text,json}
-//!                                        ▲
-//!                          symbolize::Symbols (blazesym)
+//!                 │ Event ──► record::writer ──► recording file
+//!                 ▼                                   │
+//!            agg::Aggregator (pure) ◄── replay / diff ◄┘ record::reader
+//!                 │
+//!            output (view × format) ─► report::build / report::samples
+//!                 │                          ▲
+//!                 ▼                   symbolize::Symbols (blazesym), or
+//!            report::{text, json, flame, folded, pprof, svg, hlog, html}
+//!                                     the recording's own frames
 //! ```
 //!
-//! `agg`, `event`, `report` and `maps::parse` are pure and unit-tested
-//! without root; `load` is the only module that talks to BPF.
+//! `agg`, `event`, `record`, `report` and `maps::parse` are pure (or touch
+//! only the file they are given) and are unit-tested without root; `load` is
+//! the only module that talks to BPF.
 #![deny(missing_docs)]
 
 pub mod agg;
