@@ -267,4 +267,11 @@ mod tests {
         assert!(!log.contains("Tag="), "{log}");
         assert!(log.starts_with("#memtrace: "), "{log}");
     }
+
+    #[test]
+    fn log_matches_its_snapshot() {
+        let mut out = Vec::new();
+        render(&rich(), &mut out).unwrap();
+        insta::assert_snapshot!(String::from_utf8(out).unwrap());
+    }
 }

@@ -40,4 +40,18 @@ mod tests {
         assert_eq!(p["stacks"][0]["frames"][0]["file"], serde_json::Value::Null);
         assert_eq!(v["lost"]["unknown_frees"], 0);
     }
+
+    #[test]
+    fn every_view_matches_its_snapshot() {
+        for view in super::super::View::ALL {
+            let r = super::super::text::tests::rich_with(vec![view]);
+            let mut out = Vec::new();
+            super::render(&r, &mut out).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            insta::assert_snapshot!(
+                format!("view_{}", view.name()),
+                serde_json::to_string_pretty(&v).unwrap()
+            );
+        }
+    }
 }
