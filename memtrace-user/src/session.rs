@@ -349,16 +349,15 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     if let Some((path, bytes, events)) = &recorded {
         summarize(path, *bytes, *events, now.ledger.traced_calls);
     }
+    // A recording asked for and not written fails the run, whatever the
+    // traced command's own status.
+    if args.record.is_some() && recorded.is_none() {
+        return Ok(2);
+    }
     Ok(match stop {
         Stop::Child(code) => code,
         Stop::RecordingFailed => 2,
-        Stop::Signal | Stop::Duration | Stop::TargetsExited => {
-            if args.record.is_some() && recorded.is_none() {
-                2
-            } else {
-                0
-            }
-        }
+        Stop::Signal | Stop::Duration | Stop::TargetsExited => 0,
     })
 }
 

@@ -11,6 +11,8 @@
 pub mod fixture;
 pub mod memtrace;
 pub mod report;
+pub mod temp;
+pub mod tool;
 pub mod truth;
 
 use std::env;
@@ -22,6 +24,7 @@ pub use report::{
     Site, Totals, assert_caller_frame, assert_no_losses, assert_site, assert_totals,
     matching_stacks, process, process_by_comm, site, totals,
 };
+pub use temp::TempPath;
 
 /// Where `build.rs` put the compiled C and C++ fixtures.
 const FIXTURE_DIR: &str = env!("OUT_DIR");
@@ -55,8 +58,8 @@ pub fn memtrace_bin() -> PathBuf {
     path
 }
 
-/// Path of a fixture compiled by `build.rs`: `alloc_fixture`, `cxx_fixture`
-/// or `static_fixture`. (The Rust fixture is a cargo binary: integration tests
+/// Path of a fixture compiled by `build.rs`: `alloc_fixture`, `cxx_fixture`,
+/// `phases_fixture` or `static_fixture`. (The Rust fixture is a cargo binary: integration tests
 /// get it from `env!("CARGO_BIN_EXE_rust_fixture")`.)
 pub fn fixture(name: &str) -> PathBuf {
     let path = Path::new(FIXTURE_DIR).join(name);

@@ -9,7 +9,6 @@ use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -46,6 +45,16 @@ impl Memtrace {
     {
         let args = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         Memtrace::launch(&[], crate::memtrace_bin(), args, None)
+    }
+
+    /// Runs memtrace with `args` to the end, e.g. `memtrace report FILE`, and
+    /// returns what it printed (the report is on stdout).
+    pub fn run<I, S>(args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Memtrace::spawn(args).wait()
     }
 
     /// Starts `memtrace args... -o FILE -- command command_args...`. The
@@ -187,13 +196,18 @@ impl Memtrace {
 
     /// Sends SIGINT, which asks memtrace for its final report.
     pub fn interrupt(&self) {
+        self.signal(libc::SIGINT);
+    }
+
+    /// Sends `signal`, e.g. SIGKILL to leave a recording unfinished.
+    pub fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-        let rc = unsafe { libc::kill(pid, libc::SIGINT) };
+        let rc = unsafe { libc::kill(pid, signal) };
         assert_eq!(
             rc,
             0,
-            "cannot send SIGINT to memtrace (pid {pid}): {}",
+            "cannot send signal {signal} to memtrace (pid {pid}): {}",
             std::io::Error::last_os_error()
         );
     }
@@ -336,7 +350,5 @@ impl Output {
 
 /// A fresh path in the temp directory for a `-o` report.
 fn temp_report_path() -> PathBuf {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    std::env::temp_dir().join(format!("memtrace-test-{}-{n}.json", std::process::id()))
+    crate::temp::fresh_path("report.json")
 }

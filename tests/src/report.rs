@@ -63,14 +63,15 @@ pub fn label(process: &Value) -> String {
 }
 
 /// Reads a non-negative integer field, with a message that shows the object.
-fn field(object: &Value, name: &str) -> u64 {
+pub fn field(object: &Value, name: &str) -> u64 {
     object
         .get(name)
         .and_then(Value::as_u64)
         .unwrap_or_else(|| panic!("report field {name:?} missing or not a u64 in {object:#}"))
 }
 
-fn array<'a>(object: &'a Value, name: &str) -> &'a [Value] {
+/// Reads an array field, with a message that shows the object.
+pub fn array<'a>(object: &'a Value, name: &str) -> &'a [Value] {
     object
         .get(name)
         .and_then(Value::as_array)
@@ -124,7 +125,7 @@ pub fn process_by_comm<'a>(report: &'a Value, comm: &str) -> &'a Value {
 /// Whether a symbolized function name is `name`: equal, or a path ending in
 /// `::name` (C++ namespaces, Rust modules), ignoring a Rust legacy-mangling
 /// hash suffix `::h0123456789abcdef` should the demangler keep it.
-fn function_matches(function: &str, name: &str) -> bool {
+pub fn function_matches(function: &str, name: &str) -> bool {
     let function = strip_rust_hash(function);
     function == name
         || function
@@ -141,7 +142,8 @@ fn strip_rust_hash(function: &str) -> &str {
     }
 }
 
-/// The stacks of `process` that have `function` in any frame.
+/// The stacks of `process` that have `function` in any frame. Works on any
+/// object with `stacks`, such as a view's section (`process["peak"]`).
 pub fn matching_stacks<'a>(process: &'a Value, function: &str) -> Vec<&'a Value> {
     array(process, "stacks")
         .iter()

@@ -141,6 +141,53 @@ pub mod rust {
     ];
 }
 
+/// `fixtures/phases_fixture.c`. Without `--churn` it runs, in order,
+/// temporaries, build_table, a 30 ms sleep, drop_table and keep_small, and
+/// allocates nothing else (the fixture protocol does not allocate either).
+pub mod phases {
+    use super::*;
+
+    /// 500 × malloc(256), each freed at once.
+    pub const TEMPORARIES: Site = freed(500, 500 * 256);
+    /// Blocks of the table: built by build_table, freed by drop_table.
+    pub const TABLE_BLOCKS: u64 = 64;
+    /// Bytes of each table block.
+    pub const TABLE_BLOCK_SIZE: u64 = 65536;
+    /// 64 × malloc(65536), all freed again by drop_table.
+    pub const BUILD_TABLE: Site = freed(TABLE_BLOCKS, TABLE_BLOCKS * TABLE_BLOCK_SIZE);
+    /// build_table at the peak: the whole table is live.
+    pub const BUILD_TABLE_AT_PEAK: Site = leaked(TABLE_BLOCKS, TABLE_BLOCK_SIZE);
+    /// 10 × malloc(1000), kept to the end.
+    pub const KEEP_SMALL: Site = leaked(10, 1000);
+    /// The sleep between build_table and drop_table (`pause_ms(30)`): every
+    /// table block lives at least this long.
+    pub const TABLE_SLEEP_NS: u64 = 30_000_000;
+    /// The high-water mark of live bytes, reached by build_table's last
+    /// malloc: the whole table, and nothing else (every temporary is freed
+    /// before it, keep_small comes after drop_table).
+    pub const PEAK_BYTES: u64 = BUILD_TABLE_AT_PEAK.live_bytes;
+    /// Blocks live at the peak.
+    pub const PEAK_COUNT: u64 = BUILD_TABLE_AT_PEAK.live_count;
+
+    pub const SITES: &[(&str, Site)] = &[
+        ("temporaries", TEMPORARIES),
+        ("build_table", BUILD_TABLE),
+        ("keep_small", KEEP_SMALL),
+    ];
+
+    /// The churn site of `--churn n`: n × malloc(16 + (i * 37) % 4081) for
+    /// i in 0..n, each freed at once.
+    pub const fn churn(n: u64) -> Site {
+        let mut bytes = 0;
+        let mut i = 0;
+        while i < n {
+            bytes += 16 + (i * 37) % 4081;
+            i += 1;
+        }
+        freed(n, bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +212,22 @@ mod tests {
         assert_eq!(rust::LEAK_BOX.live_bytes, 40_960);
         assert_eq!(rust::LEAK_VEC.live_bytes, 40_000);
         assert_eq!(rust::CHURN.total_bytes, 64_000);
+    }
+
+    #[test]
+    fn phases_numbers_match_the_fixture() {
+        assert_eq!(phases::TEMPORARIES.total_bytes, 128_000);
+        assert_eq!(phases::BUILD_TABLE.total_bytes, 4_194_304);
+        assert_eq!(phases::PEAK_BYTES, 4 << 20);
+        assert_eq!(phases::KEEP_SMALL.live_bytes, 10_000);
+        // i = 0, 1, 2: 16, 16 + 37, 16 + 74.
+        assert_eq!(phases::churn(3).total_bytes, 159);
+        // (i * 37) % 4081 wraps at i = 111: 16 + 4107 % 4081 = 42.
+        assert_eq!(
+            phases::churn(112).total_bytes - phases::churn(111).total_bytes,
+            42
+        );
+        let t = totals_of(phases::SITES, 1);
+        assert_eq!((t.total_count, t.live_count), (574, 10));
     }
 }

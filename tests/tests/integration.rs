@@ -8,10 +8,13 @@
 //! - `cmd`: `memtrace -- fixture`, traced from its first instruction.
 //! - `system_wide`: no target at all.
 //! - `errors`: the error convention (status 2, `memtrace: ...`, `hint: ...`).
+//! - `recording`: `memtrace record` / `--record`, then `memtrace report` in
+//!   every view and format, `memtrace diff`, and damaged recordings.
 
 mod cmd;
 mod errors;
 mod pid;
+mod recording;
 mod system_wide;
 
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};

@@ -49,7 +49,11 @@ pub fn run() -> anyhow::Result<()> {
 pub fn for_tests() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
-    let all: Vec<&str> = DEBIAN_PACKAGES.iter().chain(TEST_PACKAGES).copied().collect();
+    let all: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .chain(TEST_PACKAGES)
+        .copied()
+        .collect();
     debian_packages(&all)?;
     tracefs();
     Ok(())
