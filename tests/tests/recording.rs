@@ -131,7 +131,11 @@ fn every_view_from_one_recording() {
         .unwrap_or_else(|| panic!("peak.at_s missing: {peak:#}"));
 
     // temporary: the 500 scratch blocks; the table lived 30 ms, far too long.
-    let report = report_json(path, &["--view", "temporary"]);
+    // A threshold of 20 ms, not the default 1: on a busy 2-core machine a
+    // thread can be preempted between one malloc and its free for over a
+    // millisecond (seen once in CI: 499 of 500). The unit tests pin the
+    // threshold's exact semantics.
+    let report = report_json(path, &["--view", "temporary", "--temporary-ms", "20"]);
     let temporary = section(process_by_comm(&report, COMM), "temporary");
     let expected = phases::TEMPORARIES;
     assert_eq!(field(temporary, "count"), expected.total_count);
@@ -175,8 +179,8 @@ fn every_view_from_one_recording() {
     let scratch = &only_stack(histograms, "temporaries")["lifetimes"];
     assert_eq!(field(scratch, "count"), phases::TEMPORARIES.total_count);
     assert!(
-        field(scratch, "max") < 1_000_000,
-        "temporaries live well under 1 ms: {scratch:#}"
+        field(scratch, "max") < 20_000_000,
+        "temporaries live well under 20 ms: {scratch:#}"
     );
     // keep_small never frees: sizes, but no lifetimes.
     let small = only_stack(histograms, "keep_small");
