@@ -461,10 +461,7 @@ impl Aggregator {
 
     /// Applies one event. Returns the stack it interned, if it is new.
     pub fn on_event(&mut self, event: &Event) -> Option<NewStack> {
-        let ts = match event {
-            Event::Alloc(a) => a.ts_ns,
-            Event::Free { ts_ns, .. } | Event::Exit { ts_ns, .. } => *ts_ns,
-        };
+        let ts = event.ts_ns();
         match event {
             Event::Alloc(a) => {
                 let config = self.config;

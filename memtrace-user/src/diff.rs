@@ -138,12 +138,7 @@ fn at_times(
     let mut agg = Aggregator::new(session::config(count, Some(&start)));
     let mut before: Option<Raw> = None;
     let mut rec = reader::replay(path, |e| {
-        let ts = match e {
-            crate::event::Event::Alloc(a) => a.ts_ns,
-            crate::event::Event::Free { ts_ns, .. } | crate::event::Event::Exit { ts_ns, .. } => {
-                *ts_ns
-            }
-        };
+        let ts = e.ts_ns();
         if before.is_none() && ts > from_ns {
             before = Some(raw(&agg));
         }

@@ -31,6 +31,24 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// When it happened.
+    pub fn ts_ns(&self) -> u64 {
+        match self {
+            Event::Alloc(a) => a.ts_ns,
+            Event::Free { ts_ns, .. } | Event::Exit { ts_ns, .. } => *ts_ns,
+        }
+    }
+
+    /// The process it happened in.
+    pub fn pid(&self) -> u32 {
+        match self {
+            Event::Alloc(a) => a.pid,
+            Event::Free { pid, .. } | Event::Exit { pid, .. } => *pid,
+        }
+    }
+}
+
 /// An allocation, with the stack of its caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Alloc {

@@ -41,6 +41,20 @@ pub fn open(path: Option<&Path>) -> Result<Box<dyn Write>, UserError> {
     }
 }
 
+/// Report options from the command line, for a trace that began at
+/// `start_ns` and is reported at `end_ns` (both CLOCK_MONOTONIC ns).
+pub fn options(args: &ViewArgs, start_ns: u64, end_ns: u64, duration_s: f64) -> report::Options {
+    report::Options {
+        top: args.top,
+        live_before_ns: args
+            .older_than
+            .map(|ms| end_ns.saturating_sub(ms * 1_000_000)),
+        duration_s,
+        start_ns,
+        views: Vec::new(),
+    }
+}
+
 /// Everything a report is made from.
 pub struct Inputs<'a> {
     /// The accounting.

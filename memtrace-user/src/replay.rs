@@ -61,16 +61,7 @@ pub fn run(args: ReportArgs) -> Result<i32> {
     warn_if_cut(&args.file, &rec);
     let mut out = output::open(args.view.output.as_deref())?;
     let ledger = output::ledger_of(&rec.counters);
-    let opts = report::Options {
-        top: args.view.top,
-        live_before_ns: args
-            .view
-            .older_than
-            .map(|ms| rec.end_ns.saturating_sub(ms * 1_000_000)),
-        duration_s: rec.duration_s,
-        start_ns: rec.start.start_ns,
-        views: Vec::new(),
-    };
+    let opts = output::options(&args.view, rec.start.start_ns, rec.end_ns, rec.duration_s);
     let input = Inputs {
         agg: &agg,
         ledger: &ledger,

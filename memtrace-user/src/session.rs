@@ -491,16 +491,7 @@ fn emit(
     start_ns: u64,
     out: &mut Box<dyn Write>,
 ) -> Result<()> {
-    let opts = report::Options {
-        top: args.view.top,
-        live_before_ns: args
-            .view
-            .older_than
-            .map(|ms| now.now_ns.saturating_sub(ms * 1_000_000)),
-        duration_s: now.duration_s,
-        start_ns,
-        views: Vec::new(),
-    };
+    let opts = output::options(&args.view, start_ns, now.now_ns, now.duration_s);
     let input = Inputs {
         agg: &state.agg,
         ledger: &now.ledger,

@@ -188,10 +188,7 @@ fn scan(
             KIND_EVENTS => {
                 let r = events::decode(&content, &mut stacks, |ev| {
                     events += 1;
-                    last_ts = last_ts.max(match &ev {
-                        Event::Alloc(a) => a.ts_ns,
-                        Event::Free { ts_ns, .. } | Event::Exit { ts_ns, .. } => *ts_ns,
-                    });
+                    last_ts = last_ts.max(ev.ts_ns());
                     each(&ev);
                 });
                 if let Err(e) = r {

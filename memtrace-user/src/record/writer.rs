@@ -114,10 +114,7 @@ impl Recorder {
         if self.file.is_none() {
             return false;
         }
-        let pid = match event {
-            Event::Alloc(a) => a.pid,
-            Event::Free { pid, .. } | Event::Exit { pid, .. } => *pid,
-        };
+        let pid = event.pid();
         if self.pids.insert(pid) {
             self.pending_pids.push(pid);
         }

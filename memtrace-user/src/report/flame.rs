@@ -85,24 +85,9 @@ fn empty(title: &str, weight: Weight, out: &mut dyn Write) -> io::Result<()> {
             "font-size=\"12\">no stacks with {what} &gt; 0</text>\n",
             "</svg>\n",
         ),
-        title = escape(title),
+        title = super::svg::escape(title),
         what = describe(weight),
     )
-}
-
-/// Escapes text for XML content.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

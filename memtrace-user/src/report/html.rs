@@ -159,12 +159,7 @@ impl Page<'_> {
             escape(&views.join(", "))
         )?;
         for p in &r.probes {
-            let scope = if p.pids.is_empty() {
-                "all processes".to_string()
-            } else {
-                let pids: Vec<String> = p.pids.iter().map(u32::to_string).collect();
-                format!("pid {}", pids.join(","))
-            };
+            let scope = p.scope();
             write!(
                 self.out,
                 "<tr><th>probes</th><td>{} ({scope}): {}",

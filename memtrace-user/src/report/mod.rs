@@ -196,6 +196,17 @@ pub struct Probes {
     pub missing: Vec<String>,
 }
 
+impl Probes {
+    /// `all processes`, or `pid 1,2`.
+    pub fn scope(&self) -> String {
+        if self.pids.is_empty() {
+            return "all processes".into();
+        }
+        let pids: Vec<String> = self.pids.iter().map(u32::to_string).collect();
+        format!("pid {}", pids.join(","))
+    }
+}
+
 /// The whole report.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {

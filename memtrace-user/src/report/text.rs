@@ -39,12 +39,7 @@ pub fn render(r: &Report, view: View, out: &mut dyn Write) -> io::Result<()> {
         group(r.traced_calls),
     )?;
     for p in &r.probes {
-        let scope = if p.pids.is_empty() {
-            "all processes".to_string()
-        } else {
-            let pids: Vec<String> = p.pids.iter().map(u32::to_string).collect();
-            format!("pid {}", pids.join(","))
-        };
+        let scope = p.scope();
         write!(
             out,
             "probes: {} ({scope}): {}",
