@@ -34,6 +34,12 @@ const FIXTURES: &[Fixture] = &[
         flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
     },
     Fixture {
+        source: "mem_fixture.c",
+        output: "mem_fixture",
+        cxx: false,
+        flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
+    },
+    Fixture {
         source: "phases_fixture.c",
         output: "phases_fixture",
         cxx: false,

@@ -14,7 +14,7 @@
 
 /// Version of the record layout. The loader refuses an eBPF object that
 /// speaks another version.
-pub const EVENT_ABI: u16 = 1;
+pub const EVENT_ABI: u16 = 2;
 
 /// Deepest user stack a record carries (the kernel's default
 /// `perf_event_max_stack`).
@@ -54,6 +54,20 @@ pub enum RecordKind {
     Free = 2,
     /// Header only: the last thread of a process exited.
     Exit = 3,
+    /// An [`RssRecord`]: one of a process's resident-memory counters changed
+    /// (`kmem:rss_stat`).
+    Rss = 4,
+    /// A [`VmRecord`]: an address-space syscall returned (mmap, munmap,
+    /// mremap, brk, madvise).
+    Vm = 5,
+    /// A [`KmemRecord`]: the kernel allocated or freed memory in the
+    /// context of a traced process (`--kernel`).
+    Kmem = 6,
+    /// An [`OomRecord`]: the OOM killer chose a traced process.
+    Oom = 7,
+    /// Header only: the process called execve and now runs a new program in
+    /// a new address space.
+    Exec = 8,
 }
 
 impl RecordKind {
@@ -63,6 +77,11 @@ impl RecordKind {
             1 => Some(Self::Alloc),
             2 => Some(Self::Free),
             3 => Some(Self::Exit),
+            4 => Some(Self::Rss),
+            5 => Some(Self::Vm),
+            6 => Some(Self::Kmem),
+            7 => Some(Self::Oom),
+            8 => Some(Self::Exec),
             _ => None,
         }
     }
@@ -233,10 +252,20 @@ pub enum Counter {
     /// Traced calls (entries of allocator functions and frees), whether or
     /// not they emitted a record; a measure of load, not a loss.
     Calls = 5,
+    /// An RSS counter changed for an address space whose owner was not
+    /// known yet (a child being forked, an exec building its new stack).
+    /// The counters are absolute, so the process's next change corrects it.
+    RssUnknownMm = 6,
+    /// The per-thread table of address-space syscalls in flight was full;
+    /// the call was not traced.
+    VmInflightFull = 7,
+    /// The table of live kernel allocations was full; an allocation was not
+    /// tracked, and its free will not be seen.
+    KmemTableFull = 8,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTERS: u32 = 6;
+pub const COUNTERS: u32 = 9;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -247,6 +276,9 @@ impl Counter {
         Self::InflightFull,
         Self::StaleInflight,
         Self::Calls,
+        Self::RssUnknownMm,
+        Self::VmInflightFull,
+        Self::KmemTableFull,
     ];
 
     /// The name used in reports (snake case, stable).
@@ -258,8 +290,305 @@ impl Counter {
             Self::InflightFull => "inflight_full",
             Self::StaleInflight => "stale_inflight",
             Self::Calls => "calls",
+            Self::RssUnknownMm => "rss_unknown_mm",
+            Self::VmInflightFull => "vm_inflight_full",
+            Self::KmemTableFull => "kmem_table_full",
         }
     }
+}
+
+/// The kernel's RSS counters (`enum { MM_FILEPAGES, ... }` in `mm_types.h`),
+/// numbered as `kmem:rss_stat`'s `member` field numbers them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RssMember {
+    /// Pages of files mapped into the process (code, data, mapped files).
+    File = 0,
+    /// Anonymous pages (heap, stacks, private writes).
+    Anon = 1,
+    /// Anonymous pages swapped out.
+    Swap = 2,
+    /// Shared memory pages (tmpfs, `MAP_SHARED|MAP_ANONYMOUS`, SysV shm).
+    Shmem = 3,
+}
+
+impl RssMember {
+    /// Every member, in kernel order.
+    pub const ALL: [RssMember; 4] = [Self::File, Self::Anon, Self::Swap, Self::Shmem];
+
+    /// The member for a kernel number.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Self::ALL.get(v as usize).copied()
+    }
+
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::File => "file",
+            Self::Anon => "anon",
+            Self::Swap => "swap",
+            Self::Shmem => "shmem",
+        }
+    }
+}
+
+/// [`RssRecord::flags`]: the change happened while the process's own page
+/// fault at `fault_addr` was being handled (the pages at that address became
+/// resident).
+pub const RSS_FAULT: u32 = 1;
+/// [`RssRecord::flags`]: this fault was sampled; `frames` holds the user
+/// stack of the code that touched the memory.
+pub const RSS_SAMPLED: u32 = 2;
+
+/// One RSS counter of a process changed. `bytes` is the counter's new,
+/// absolute value, so a lost or unattributed record costs nothing once the
+/// next one arrives. Variable length like [`AllocRecord`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RssRecord {
+    /// Common header; `kind` is [`RecordKind::Rss`]. `tgid` is the owner of
+    /// the address space, which is not always the current task's.
+    pub header: Header,
+    /// An [`RssMember`] discriminant.
+    pub member: u32,
+    /// [`RSS_FAULT`], [`RSS_SAMPLED`].
+    pub flags: u32,
+    /// The counter's new value, bytes.
+    pub bytes: i64,
+    /// Change from the previous value the kernel side saw for this process
+    /// and member, bytes (0 for its first sight).
+    pub delta: i64,
+    /// With [`RSS_FAULT`]: the faulting user address.
+    pub fault_addr: u64,
+    /// Number of valid entries in `frames`.
+    pub nframes: u16,
+    /// Zero.
+    pub _pad: u16,
+    /// Negative errno of a sampled stack capture that failed, else 0.
+    pub stack_err: i32,
+    /// With [`RSS_SAMPLED`]: user return addresses, innermost first.
+    pub frames: [u64; MAX_FRAMES],
+}
+
+impl RssRecord {
+    /// Length of the record without frames.
+    pub const FIXED_LEN: usize = core::mem::offset_of!(RssRecord, frames);
+}
+
+/// Which address-space syscall a [`VmRecord`] reports.
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmOp {
+    /// `mmap(addr, len, prot, flags, fd, off)`; `ret` is the mapping.
+    Mmap = 1,
+    /// `munmap(addr, len)`.
+    Munmap = 2,
+    /// `mremap(addr, old_len, new_len, flags, new_addr)`; `ret` is the new
+    /// address.
+    Mremap = 3,
+    /// `brk(addr)`; `ret` is the new program break.
+    Brk = 4,
+    /// `madvise(addr, len, advice)`, only for advice that releases pages
+    /// (`MADV_DONTNEED`, `MADV_FREE`, `MADV_REMOVE`, `MADV_DONTNEED_LOCKED`).
+    Madvise = 5,
+}
+
+impl VmOp {
+    /// The op for a wire discriminant.
+    pub fn from_u16(v: u16) -> Option<Self> {
+        match v {
+            1 => Some(Self::Mmap),
+            2 => Some(Self::Munmap),
+            3 => Some(Self::Mremap),
+            4 => Some(Self::Brk),
+            5 => Some(Self::Madvise),
+            _ => None,
+        }
+    }
+}
+
+/// An address-space syscall returned successfully. Variable length like
+/// [`AllocRecord`]; only `mmap`, `mremap` and `brk` carry a stack.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VmRecord {
+    /// Common header; `kind` is [`RecordKind::Vm`].
+    pub header: Header,
+    /// A [`VmOp`] discriminant.
+    pub op: u16,
+    /// 1 when the call was made from inside a traced allocator function
+    /// (glibc's malloc maps and grows its own arenas).
+    pub by_allocator: u16,
+    /// Number of valid entries in `frames`.
+    pub nframes: u16,
+    /// Zero.
+    pub _pad: u16,
+    /// Negative errno of the stack capture when it failed, else 0.
+    pub stack_err: i32,
+    /// Zero.
+    pub _pad2: u32,
+    /// First argument (the address; brk's requested break).
+    pub addr: u64,
+    /// Second argument (the length; mremap's old length).
+    pub len: u64,
+    /// Third argument (mmap's prot, mremap's new length, madvise's advice).
+    pub arg3: u64,
+    /// Fourth argument (mmap's and mremap's flags).
+    pub arg4: u64,
+    /// Fifth argument (mmap's fd, mremap's new address).
+    pub arg5: u64,
+    /// The syscall's return value.
+    pub ret: u64,
+    /// User return addresses, innermost first.
+    pub frames: [u64; MAX_FRAMES],
+}
+
+impl VmRecord {
+    /// Length of the record without frames.
+    pub const FIXED_LEN: usize = core::mem::offset_of!(VmRecord, frames);
+}
+
+/// Syscall arguments stashed at a [`VmRecord`]'s syscall entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmInflight {
+    /// A [`VmOp`] discriminant.
+    pub op: u16,
+    /// As in [`VmRecord`].
+    pub by_allocator: u16,
+    /// Zero.
+    pub _pad: u32,
+    /// The syscall's first five arguments.
+    pub args: [u64; 5],
+}
+
+/// What a [`KmemRecord`] reports.
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KmemOp {
+    /// `kmalloc` (slab object of a size class, or a large kmalloc).
+    Kmalloc = 1,
+    /// `kmem_cache_alloc` (object of a named cache).
+    CacheAlloc = 2,
+    /// A page-allocator allocation of `4096 << order` bytes that is not a
+    /// movable (user or page-cache) page.
+    Pages = 3,
+    /// A per-CPU allocation (`bytes_alloc` is summed over CPUs).
+    Percpu = 4,
+    /// A tracked allocation was freed; `ptr` names it as it was allocated.
+    Free = 5,
+}
+
+impl KmemOp {
+    /// The op for a wire discriminant.
+    pub fn from_u16(v: u16) -> Option<Self> {
+        match v {
+            1 => Some(Self::Kmalloc),
+            2 => Some(Self::CacheAlloc),
+            3 => Some(Self::Pages),
+            4 => Some(Self::Percpu),
+            5 => Some(Self::Free),
+            _ => None,
+        }
+    }
+}
+
+/// Key of a live kernel allocation: the kind's address space (slab pointer,
+/// page frame number, per-CPU pointer) and the address in it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KmemKey {
+    /// [`KmemOp::Kmalloc`] for slab objects (kmalloc and kmem_cache share
+    /// `kfree`-able pointers), [`KmemOp::Pages`] or [`KmemOp::Percpu`].
+    pub space: u64,
+    /// Pointer or page frame number.
+    pub addr: u64,
+}
+
+/// Kernel memory allocated in the context of a traced process, or freed
+/// (in any context) after such an allocation. Variable length like
+/// [`AllocRecord`]; frees carry no stack.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct KmemRecord {
+    /// Common header; `kind` is [`RecordKind::Kmem`]. For a free, `tgid` is
+    /// the process the allocation was charged to.
+    pub header: Header,
+    /// A [`KmemOp`] discriminant.
+    pub op: u16,
+    /// Number of valid entries in `frames`.
+    pub nframes: u16,
+    /// Negative errno of the stack capture when it failed, else 0.
+    pub stack_err: i32,
+    /// The [`KmemKey::space`] of the allocation.
+    pub space: u64,
+    /// Pointer, or page frame number.
+    pub addr: u64,
+    /// Bytes requested (slab), or the bytes of the pages.
+    pub bytes_req: u64,
+    /// Bytes the allocator set aside.
+    pub bytes_alloc: u64,
+    /// Kernel return addresses, innermost first.
+    pub frames: [u64; MAX_FRAMES],
+}
+
+impl KmemRecord {
+    /// Length of the record without frames.
+    pub const FIXED_LEN: usize = core::mem::offset_of!(KmemRecord, frames);
+}
+
+/// What a live kernel allocation remembers until its free.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KmemOwner {
+    /// The process charged.
+    pub tgid: u32,
+    /// Zero.
+    pub _pad: u32,
+}
+
+/// The OOM killer chose a traced process (`oom:mark_victim`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OomRecord {
+    /// Common header; `kind` is [`RecordKind::Oom`], `tgid` the victim.
+    pub header: Header,
+    /// The victim's virtual size, KiB.
+    pub total_vm_kib: u64,
+    /// Resident anonymous memory, KiB.
+    pub anon_rss_kib: u64,
+    /// Resident file memory, KiB.
+    pub file_rss_kib: u64,
+    /// Resident shared memory, KiB.
+    pub shmem_rss_kib: u64,
+    /// Page tables, KiB.
+    pub pgtables_kib: u64,
+    /// The victim's `oom_score_adj`.
+    pub oom_score_adj: i64,
+}
+
+/// A page fault being handled on a CPU, waiting for the RSS change it
+/// causes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingFault {
+    /// The faulting thread.
+    pub tid: u32,
+    /// Zero.
+    pub _pad: u32,
+    /// The faulting address.
+    pub addr: u64,
+    /// When the fault began.
+    pub ts_ns: u64,
+}
+
+/// Last RSS values the kernel side saw for one process, bytes, by
+/// [`RssMember`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RssLast {
+    /// By member.
+    pub bytes: [i64; 4],
 }
 
 #[cfg(test)]
@@ -279,6 +608,11 @@ mod tests {
         assert_eq!(size_of::<FreeRecord>(), 32);
         assert_eq!(size_of::<Inflight>(), 40);
         assert_eq!(size_of::<InflightStack>(), 8 + 40 * MAX_NEST);
+        assert_eq!(RssRecord::FIXED_LEN, 24 + 4 + 4 + 8 * 3 + 8);
+        assert_eq!(VmRecord::FIXED_LEN, 24 + 16 + 8 * 6);
+        assert_eq!(KmemRecord::FIXED_LEN, 24 + 8 + 8 * 4);
+        assert_eq!(size_of::<OomRecord>(), 24 + 8 * 6);
+        assert_eq!(size_of::<VmInflight>(), 8 + 40);
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! memtrace's eBPF programs: allocator uprobes and the process-exit tracepoint.
+//! memtrace's eBPF programs: allocator uprobes (this file), the kernel's
+//! memory tracepoints (`vm`: RSS, page faults, address-space syscalls;
+//! `kmem`: kernel allocations) and process lifecycle (`lifecycle`).
 //!
 //! The kernel side records facts and nothing more: an entry probe stashes the
 //! call's arguments in a per-thread stack of calls in flight, the return probe
@@ -18,13 +20,17 @@
 #![no_std]
 #![no_main]
 
+mod kmem;
+mod lifecycle;
+mod vm;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_F_USER_STACK,
     helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::{map, raw_tracepoint, uprobe, uretprobe},
+    macros::{map, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
+    programs::{ProbeContext, RetProbeContext},
 };
 use memtrace_common::{
     AllocFn, AllocRecord, COUNTERS, Counter, EVENT_ABI, FreeRecord, Header, Inflight,
@@ -36,18 +42,28 @@ use memtrace_common::{
 #[unsafe(no_mangle)]
 static SELF_TGID: u32 = 0;
 
+/// Nonzero when every process is traced (no `--pid`, no command); else
+/// the kernel tracepoints report only the processes in [`TRACED`].
+#[unsafe(no_mangle)]
+static TRACE_ALL: u8 = 0;
+
+/// Processes whose kernel-side memory events are reported (the uprobes are
+/// scoped by the kernel itself). Filled by the loader.
+#[map]
+static TRACED: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
 /// Set by the loader so it can refuse an object built from other sources.
 #[unsafe(no_mangle)]
 static ABI_VERSION: u16 = EVENT_ABI;
 
 /// Records to user space. The loader sets the size (`--ringbuf-size`).
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 
 /// Calls in flight, per thread id. An entry exists only while a thread is
 /// inside a traced call.
 #[map]
-static INFLIGHT: HashMap<u32, InflightStack> = HashMap::with_max_entries(16384, 0);
+pub(crate) static INFLIGHT: HashMap<u32, InflightStack> = HashMap::with_max_entries(16384, 0);
 
 /// Per-CPU room to build an [`AllocRecord`] (too large for the BPF stack).
 #[map]
@@ -58,7 +74,7 @@ static SCRATCH: PerCpuArray<AllocRecord> = PerCpuArray::with_max_entries(1, 0);
 static COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 
 #[inline(always)]
-fn count(c: Counter) {
+pub(crate) fn count(c: Counter) {
     if let Some(slot) = COUNTS.get_ptr_mut(c as u32) {
         // SAFETY: the pointer comes from the map and is this CPU's own slot.
         unsafe { *slot += 1 };
@@ -66,10 +82,67 @@ fn count(c: Counter) {
 }
 
 #[inline(always)]
-fn self_tgid() -> u32 {
+pub(crate) fn self_tgid() -> u32 {
     // SAFETY: a read of a global the loader set before load; volatile so the
     // compiler does not fold the zero it was compiled with.
     unsafe { core::ptr::read_volatile(&SELF_TGID) }
+}
+
+/// Whether the kernel-side events of process `tgid` are reported.
+#[inline(always)]
+pub(crate) fn traced(tgid: u32) -> bool {
+    if tgid == self_tgid() || tgid == 0 {
+        return false;
+    }
+    // SAFETY: as in `self_tgid`.
+    if unsafe { core::ptr::read_volatile(&TRACE_ALL) } != 0 {
+        return true;
+    }
+    // SAFETY: a read-only look at a map value.
+    unsafe { TRACED.get(&tgid) }.is_some()
+}
+
+/// Captures the current stack into `frames` (the user stack with `user`,
+/// else the kernel's). Returns the number of frames and, when none could be
+/// had, the helper's negative errno.
+#[inline(always)]
+pub(crate) fn capture<C: EbpfContext>(
+    ctx: &C,
+    frames: &mut [u64; MAX_FRAMES],
+    user: bool,
+) -> (u16, i32) {
+    let flags = if user { BPF_F_USER_STACK as u64 } else { 0 };
+    // SAFETY: the buffer is `frames`, of the size passed.
+    let got = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            frames.as_mut_ptr().cast(),
+            (MAX_FRAMES * 8) as u32,
+            flags,
+        )
+    };
+    if got > 0 {
+        let mut bytes = got as usize & 0x7f8;
+        if bytes > MAX_FRAMES * 8 {
+            bytes = MAX_FRAMES * 8;
+        }
+        ((bytes / 8) as u16, 0)
+    } else {
+        count(Counter::StackLost);
+        (0, got as i32)
+    }
+}
+
+/// Sends the first `len` bytes of `rec` (a variable-length record), counting
+/// a full ring buffer.
+#[inline(always)]
+pub(crate) fn output<T>(rec: &T, len: usize) {
+    let len = if len > size_of::<T>() { size_of::<T>() } else { len };
+    // SAFETY: `len` never exceeds the record's size.
+    let data = unsafe { core::slice::from_raw_parts((rec as *const T).cast::<u8>(), len) };
+    if EVENTS.output::<[u8]>(data, 0).is_err() {
+        count(Counter::RingbufFull);
+    }
 }
 
 /// The stack pointer of the probed context.
@@ -262,39 +335,15 @@ fn emit_alloc(
     rec.func = call.func;
     // At the return probe the registers are the caller's: the first frame is
     // the return address into the caller, and its frame chain is intact.
-    // SAFETY: the buffer is `frames`, of the size passed.
-    let got = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            rec.frames.as_mut_ptr().cast(),
-            (MAX_FRAMES * 8) as u32,
-            BPF_F_USER_STACK as u64,
-        )
-    };
-    let mut bytes = 0usize;
-    if got > 0 {
-        bytes = got as usize & 0x7f8;
-        if bytes > MAX_FRAMES * 8 {
-            bytes = MAX_FRAMES * 8;
-        }
-        rec.stack_err = 0;
-    } else {
-        rec.stack_err = got as i32;
-        count(Counter::StackLost);
-    }
-    rec.nframes = (bytes / 8) as u16;
-    let len = AllocRecord::FIXED_LEN + bytes;
-    // SAFETY: `len` never exceeds the record's size.
-    let data =
-        unsafe { core::slice::from_raw_parts((rec as *const AllocRecord).cast::<u8>(), len) };
-    if EVENTS.output::<[u8]>(data, 0).is_err() {
-        count(Counter::RingbufFull);
-    }
+    let (n, err) = capture(ctx, &mut rec.frames, true);
+    rec.nframes = n;
+    rec.stack_err = err;
+    output(rec, AllocRecord::FIXED_LEN + 8 * n as usize);
 }
 
 /// Writes one fixed-size record, counting a full ring buffer.
 #[inline(always)]
-fn submit<T: 'static>(fill: impl FnOnce(&mut T)) {
+pub(crate) fn submit<T: 'static>(fill: impl FnOnce(&mut T)) {
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             // SAFETY: `fill` writes every field before the entry is submitted.
@@ -305,7 +354,7 @@ fn submit<T: 'static>(fill: impl FnOnce(&mut T)) {
     }
 }
 
-fn header(kind: RecordKind, pid_tgid: u64) -> Header {
+pub(crate) fn header(kind: RecordKind, pid_tgid: u64) -> Header {
     Header {
         version: EVENT_ABI,
         kind: kind as u16,
@@ -345,27 +394,6 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         r.header = header(RecordKind::Free, pid_tgid);
         r.addr = addr;
     });
-    0
-}
-
-/// A thread exited. Its calls in flight are dropped: a thread killed inside
-/// an allocator never returns through the probes, and a later thread that
-/// reuses its id must not inherit them (they would make its own calls look
-/// nested, and silence them). When the last thread of a process exits
-/// (`group_dead`), its accounting closes.
-#[raw_tracepoint(tracepoint = "sched_process_exit")]
-pub fn process_exit(ctx: RawTracePointContext) -> u32 {
-    // TP_PROTO(struct task_struct *p, bool group_dead); `p` is current.
-    let group_dead: u64 = ctx.arg(1);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
-    // A call that never returned allocated nothing anyone will see: this is
-    // cleanup, not a loss. Removing a missing key is a cheap failure.
-    let _ = INFLIGHT.remove(tid);
-    if group_dead & 0xff == 0 || (pid_tgid >> 32) as u32 == self_tgid() {
-        return 0;
-    }
-    submit::<Header>(|h| *h = header(RecordKind::Exit, pid_tgid));
     0
 }
 

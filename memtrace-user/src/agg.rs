@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use hdrhistogram::Histogram;
 
 use crate::event::{Alloc, Event};
+use crate::mem::{Memory, NewKind};
 
 /// Index of an interned stack within its process.
 pub type StackId = u32;
@@ -60,6 +61,9 @@ pub struct Config {
     /// Blocks freed within this many ns of their allocation are
     /// "temporary" (`--temporary-ms`).
     pub temporary_ns: u64,
+    /// One page fault in this many carries a stack (`--fault-sample`);
+    /// sampled faults stand for this many each.
+    pub fault_sample: u32,
 }
 
 impl Default for Config {
@@ -67,9 +71,14 @@ impl Default for Config {
         Self {
             filter: SizeFilter::default(),
             temporary_ns: 1_000_000,
+            fault_sample: DEFAULT_FAULT_SAMPLE,
         }
     }
 }
+
+/// Default of `--fault-sample`: a stack costs about a microsecond, a fault
+/// that zeroes a page a few; one in 32 keeps the added cost in the noise.
+pub const DEFAULT_FAULT_SAMPLE: u32 = 32;
 
 /// Precision of per-process histograms (significant decimal digits).
 const PROCESS_SIGFIG: u8 = 3;
@@ -99,14 +108,14 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn alloc(&mut self, size: u64) {
+    pub(crate) fn alloc(&mut self, size: u64) {
         self.live_bytes += size;
         self.live_count += 1;
         self.total_bytes += size;
         self.total_count += 1;
     }
 
-    fn free(&mut self, size: u64) {
+    pub(crate) fn free(&mut self, size: u64) {
         self.live_bytes -= size;
         self.live_count -= 1;
         self.freed_bytes += size;
@@ -190,6 +199,9 @@ pub struct Timeline {
     /// Per point: highest live bytes within it, and live bytes at its end.
     /// A point with no event repeats the previous end.
     pub points: Vec<(u64, u64)>,
+    /// Per point, the same for resident bytes (file + anon + shmem), when
+    /// the kernel side reported any; as long as `points`.
+    pub resident: Vec<(u64, u64)>,
 }
 
 /// Most points kept per process timeline.
@@ -201,10 +213,12 @@ impl Timeline {
             step_ns: 1_000_000,
             start_ns,
             points: Vec::new(),
+            resident: Vec::new(),
         }
     }
 
-    fn record(&mut self, ts_ns: u64, live: u64) {
+    /// Records live heap bytes and, when known, resident bytes at `ts_ns`.
+    fn record(&mut self, ts_ns: u64, live: u64, resident: Option<u64>) {
         let mut index = (ts_ns.saturating_sub(self.start_ns) / self.step_ns) as usize;
         while index >= TIMELINE_POINTS {
             self.coarsen();
@@ -218,16 +232,36 @@ impl Timeline {
         let p = &mut self.points[index];
         p.0 = p.0.max(live);
         p.1 = live;
+        if let Some(rss) = resident {
+            let last = self.resident.last().map_or(0, |p| p.1);
+            self.resident.resize(index + 1, (last, last));
+            let p = &mut self.resident[index];
+            p.0 = p.0.max(rss);
+            p.1 = rss;
+        }
     }
 
     fn coarsen(&mut self) {
         self.step_ns *= 2;
-        let merged = self
-            .points
-            .chunks(2)
-            .map(|c| (c.iter().map(|p| p.0).max().unwrap_or(0), c[c.len() - 1].1))
-            .collect();
-        self.points = merged;
+        let merge = |points: &[(u64, u64)]| {
+            points
+                .chunks(2)
+                .map(|c| (c.iter().map(|p| p.0).max().unwrap_or(0), c[c.len() - 1].1))
+                .collect()
+        };
+        self.points = merge(&self.points);
+        self.resident = merge(&self.resident);
+    }
+
+    /// The resident series padded to the length of `points` (a process
+    /// whose RSS stopped changing keeps its last value).
+    pub fn resident_points(&self) -> Vec<(u64, u64)> {
+        let mut out = self.resident.clone();
+        if !out.is_empty() {
+            let last = out[out.len() - 1].1;
+            out.resize(self.points.len().max(out.len()), (last, last));
+        }
+        out
     }
 }
 
@@ -258,6 +292,8 @@ pub struct Process {
     pub timeline: Timeline,
     /// Time of the last event.
     pub last_ts_ns: u64,
+    /// What the kernel side reported: RSS, mappings, faults, kernel memory.
+    pub mem: Memory,
     live: HashMap<u64, Block>,
     stacks: Vec<StackStats>,
     stack_ids: HashMap<Box<[u64]>, StackId>,
@@ -278,6 +314,7 @@ impl Process {
             peak: Peak::default(),
             timeline: Timeline::new(ts_ns),
             last_ts_ns: ts_ns,
+            mem: Memory::default(),
             live: HashMap::new(),
             stacks: Vec::new(),
             stack_ids: HashMap::new(),
@@ -372,7 +409,22 @@ impl Process {
 
     fn tick(&mut self, ts_ns: u64) {
         self.last_ts_ns = self.last_ts_ns.max(ts_ns);
-        self.timeline.record(ts_ns, self.totals.live_bytes);
+        let resident = self.mem.has_rss().then(|| self.mem.resident());
+        self.timeline.record(ts_ns, self.totals.live_bytes, resident);
+    }
+
+    /// Every live block counted: (address, bytes).
+    pub fn live_blocks(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.live
+            .iter()
+            .filter(|(_, b)| b.stack != FILTERED)
+            .map(|(a, b)| (*a, b.size))
+    }
+
+    /// Why this process's allocated and resident memory differ, now (or at
+    /// its exit).
+    pub fn explain(&self) -> crate::mem::Explanation {
+        crate::mem::explain(&self.mem, self.live_blocks(), self.totals.live_bytes)
     }
 
     fn alloc(&mut self, a: &Alloc, config: &Config) -> Option<StackId> {
@@ -433,8 +485,10 @@ impl Process {
 pub struct NewStack {
     /// Process id.
     pub pid: u32,
-    /// The stack within the process.
+    /// The stack within its table.
     pub stack: StackId,
+    /// Which table: `None` for heap stacks, else one of the kernel side's.
+    pub kind: Option<NewKind>,
 }
 
 /// All processes' accounting.
@@ -471,7 +525,38 @@ impl Aggregator {
                 Some(NewStack {
                     pid: a.pid,
                     stack: stack?,
+                    kind: None,
                 })
+            }
+            Event::Rss(r) => {
+                let p = self.process(r.pid, ts);
+                let new = p.mem.on_rss(r);
+                p.tick(ts);
+                Self::new_stack(r.pid, new, NewKind::Fault)
+            }
+            Event::Vm(v) => {
+                let p = self.process(v.pid, ts);
+                let new = p.mem.on_vm(v);
+                p.tick(ts);
+                Self::new_stack(v.pid, new, NewKind::Map)
+            }
+            Event::Kmem(k) => {
+                let p = self.process(k.pid, ts);
+                let new = p.mem.on_kmem(k);
+                p.tick(ts);
+                Self::new_stack(k.pid, new, NewKind::Kernel)
+            }
+            Event::Oom(o) => {
+                let p = self.process(o.pid, ts);
+                p.mem.oom = Some(*o);
+                p.tick(ts);
+                None
+            }
+            Event::Exec { pid, .. } => {
+                let p = self.process(*pid, ts);
+                p.mem.on_exec();
+                p.tick(ts);
+                None
             }
             Event::Free { pid, addr, .. } => {
                 let temporary_ns = self.config.temporary_ns;
@@ -489,6 +574,14 @@ impl Aggregator {
                 None
             }
         }
+    }
+
+    fn new_stack(pid: u32, stack: Option<u32>, kind: NewKind) -> Option<NewStack> {
+        Some(NewStack {
+            pid,
+            stack: stack?,
+            kind: Some(kind),
+        })
     }
 
     fn process(&mut self, pid: u32, ts: u64) -> &mut Process {
@@ -722,7 +815,14 @@ mod tests {
         let mut agg = Aggregator::new(Config::default());
         let first = agg.on_event(&malloc(10, 0xa, 1, &[1]));
         let again = agg.on_event(&malloc(11, 0xb, 1, &[1]));
-        assert_eq!(first, Some(NewStack { pid: PID, stack: 0 }));
+        assert_eq!(
+            first,
+            Some(NewStack {
+                pid: PID,
+                stack: 0,
+                kind: None
+            })
+        );
         assert_eq!(again, None);
     }
 

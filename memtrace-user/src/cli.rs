@@ -77,6 +77,22 @@ pub struct TargetArgs {
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     pub ringbuf_size: u32,
 
+    /// Take the user stack of one page fault in N (which code made memory
+    /// resident); 1 takes every one.
+    #[arg(long, default_value_t = crate::agg::DEFAULT_FAULT_SAMPLE, value_name = "N")]
+    pub fault_sample: u32,
+
+    /// Also trace kernel memory (slab, pages, per-CPU) allocated on behalf
+    /// of the traced processes, with kernel stacks. Runs a program on every
+    /// kernel free on the host.
+    #[arg(long)]
+    pub kernel: bool,
+
+    /// Where to write the report of a traced process the OOM killer chose
+    /// [default: the current directory].
+    #[arg(long, value_name = "DIR")]
+    pub oom_dir: Option<PathBuf>,
+
     /// The command to start and trace, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -249,6 +265,9 @@ impl TargetArgs {
         }
         if self.pids.contains(&0) {
             return Err("--pid 0 is not a process".into());
+        }
+        if self.fault_sample == 0 {
+            return Err("--fault-sample must be at least 1 (1 samples every fault)".into());
         }
         Ok(())
     }

@@ -5,7 +5,10 @@
 //! size 0, say) into the events the aggregator reasons about. It does not
 //! filter, attribute or symbolize.
 
-use memtrace_common::{AllocFn, AllocRecord, EVENT_ABI, FreeRecord, Header, RecordKind};
+use memtrace_common::{
+    AllocFn, AllocRecord, EVENT_ABI, FreeRecord, Header, KmemOp, KmemRecord, MAX_FRAMES, OomRecord,
+    RSS_FAULT, RSS_SAMPLED, RecordKind, RssMember, RssRecord, VmOp, VmRecord,
+};
 
 /// One thing a traced process did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +32,21 @@ pub enum Event {
         /// When.
         ts_ns: u64,
     },
+    /// One of the process's resident-memory counters changed.
+    Rss(Rss),
+    /// An address-space syscall returned.
+    Vm(Vm),
+    /// The kernel allocated or freed memory charged to the process.
+    Kmem(Kmem),
+    /// The OOM killer chose the process.
+    Oom(Oom),
+    /// The process called execve: a new program in a new address space.
+    Exec {
+        /// Process id.
+        pid: u32,
+        /// When.
+        ts_ns: u64,
+    },
 }
 
 impl Event {
@@ -36,17 +54,182 @@ impl Event {
     pub fn ts_ns(&self) -> u64 {
         match self {
             Event::Alloc(a) => a.ts_ns,
-            Event::Free { ts_ns, .. } | Event::Exit { ts_ns, .. } => *ts_ns,
+            Event::Rss(r) => r.ts_ns,
+            Event::Vm(v) => v.ts_ns,
+            Event::Kmem(k) => k.ts_ns,
+            Event::Oom(o) => o.ts_ns,
+            Event::Free { ts_ns, .. } | Event::Exit { ts_ns, .. } | Event::Exec { ts_ns, .. } => {
+                *ts_ns
+            }
         }
+    }
+
+    /// The stack it carries, if any (user frames, or kernel frames for
+    /// kernel allocations).
+    pub fn stack(&self) -> Option<&[u64]> {
+        let s: &[u64] = match self {
+            Event::Alloc(a) => &a.stack,
+            Event::Rss(r) => &r.stack,
+            Event::Vm(v) => &v.stack,
+            Event::Kmem(k) => &k.stack,
+            _ => return None,
+        };
+        (!s.is_empty()).then_some(s)
     }
 
     /// The process it happened in.
     pub fn pid(&self) -> u32 {
         match self {
             Event::Alloc(a) => a.pid,
-            Event::Free { pid, .. } | Event::Exit { pid, .. } => *pid,
+            Event::Rss(r) => r.pid,
+            Event::Vm(v) => v.pid,
+            Event::Kmem(k) => k.pid,
+            Event::Oom(o) => o.pid,
+            Event::Free { pid, .. } | Event::Exit { pid, .. } | Event::Exec { pid, .. } => *pid,
         }
     }
+}
+
+/// A resident-memory counter's new value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rss {
+    /// Process id (owner of the address space).
+    pub pid: u32,
+    /// When.
+    pub ts_ns: u64,
+    /// Which counter.
+    pub member: RssMember,
+    /// Its new value, bytes.
+    pub bytes: u64,
+    /// Change from the previous value, bytes; 0 when there was none to
+    /// compare with (the first sight of a process, a value read from /proc).
+    pub delta: i64,
+    /// The user address whose page fault made these bytes resident.
+    pub fault: Option<u64>,
+    /// The fault was sampled for its stack (`--fault-sample`).
+    pub sampled: bool,
+    /// User stack of a sampled fault, innermost first; else empty.
+    pub stack: Vec<u64>,
+}
+
+/// An address-space syscall and its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmCall {
+    /// `mmap`: a new mapping at `addr`.
+    Mmap {
+        /// Where it was mapped.
+        addr: u64,
+        /// Bytes.
+        len: u64,
+        /// `PROT_*` bits.
+        prot: u32,
+        /// `MAP_*` bits.
+        flags: u32,
+        /// File descriptor, or -1 for an anonymous mapping.
+        fd: i32,
+    },
+    /// `munmap(addr, len)`.
+    Munmap {
+        /// Start.
+        addr: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// `mremap`: `old_len` bytes at `old_addr` now are `new_len` at
+    /// `new_addr`.
+    Mremap {
+        /// Old start.
+        old_addr: u64,
+        /// Old length.
+        old_len: u64,
+        /// New start.
+        new_addr: u64,
+        /// New length.
+        new_len: u64,
+    },
+    /// `brk(requested)` set the program break to `brk`.
+    Brk {
+        /// The break asked for (0 asks for the current one).
+        requested: u64,
+        /// The break now.
+        brk: u64,
+    },
+    /// `madvise(addr, len, advice)` with advice that releases pages.
+    Madvise {
+        /// Start.
+        addr: u64,
+        /// Bytes.
+        len: u64,
+        /// `MADV_*` value.
+        advice: u32,
+    },
+}
+
+/// `MADV_DONTNEED`: the pages are dropped at once.
+pub const MADV_DONTNEED: u32 = 4;
+/// `MADV_FREE`: the pages may be reclaimed later, when memory is short.
+pub const MADV_FREE: u32 = 8;
+/// `MADV_REMOVE`: the pages and their backing store are dropped.
+pub const MADV_REMOVE: u32 = 9;
+/// `MADV_DONTNEED_LOCKED`: as `MADV_DONTNEED`, locked pages too.
+pub const MADV_DONTNEED_LOCKED: u32 = 24;
+
+/// An address-space syscall made by a traced process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vm {
+    /// Process id.
+    pub pid: u32,
+    /// When it returned.
+    pub ts_ns: u64,
+    /// What it did.
+    pub call: VmCall,
+    /// Made from inside a traced allocator function.
+    pub by_allocator: bool,
+    /// User stack (mmap, mremap and brk), innermost first.
+    pub stack: Vec<u64>,
+}
+
+/// A kernel allocation charged to a process, or its free.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kmem {
+    /// The process charged.
+    pub pid: u32,
+    /// When.
+    pub ts_ns: u64,
+    /// What happened ([`KmemOp::Free`] for a free).
+    pub op: KmemOp,
+    /// The allocation's kind of address (for a free, the op that made it:
+    /// [`KmemOp::Kmalloc`] for any slab object, `Pages`, `Percpu`).
+    pub space: KmemOp,
+    /// Pointer or page frame number.
+    pub addr: u64,
+    /// Bytes asked for.
+    pub bytes_req: u64,
+    /// Bytes set aside.
+    pub bytes_alloc: u64,
+    /// Kernel stack, innermost first; empty for frees.
+    pub stack: Vec<u64>,
+}
+
+/// The OOM killer's choice, with the kernel's figures at that moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Oom {
+    /// The victim.
+    pub pid: u32,
+    /// When.
+    pub ts_ns: u64,
+    /// Virtual size, bytes.
+    pub total_vm: u64,
+    /// Resident anonymous bytes.
+    pub anon_rss: u64,
+    /// Resident file bytes.
+    pub file_rss: u64,
+    /// Resident shared-memory bytes.
+    pub shmem_rss: u64,
+    /// Page-table bytes.
+    pub pgtables: u64,
+    /// The victim's `oom_score_adj`.
+    pub oom_score_adj: i64,
 }
 
 /// An allocation, with the stack of its caller.
@@ -94,6 +277,14 @@ pub enum DecodeError {
     /// An allocator function this version does not know.
     #[error("allocation record names unknown allocator function {0}")]
     Func(u16),
+    /// A field with a value this version does not know.
+    #[error("record has unknown {what} {value}")]
+    Field {
+        /// Which field.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
@@ -137,6 +328,26 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             pid,
             ts_ns: header.ts_ns,
         }),
+        Some(RecordKind::Exec) => Ok(Event::Exec {
+            pid,
+            ts_ns: header.ts_ns,
+        }),
+        Some(RecordKind::Rss) => decode_rss(bytes),
+        Some(RecordKind::Vm) => decode_vm(bytes),
+        Some(RecordKind::Kmem) => decode_kmem(bytes),
+        Some(RecordKind::Oom) => {
+            let r: OomRecord = read(bytes)?;
+            Ok(Event::Oom(Oom {
+                pid,
+                ts_ns: header.ts_ns,
+                total_vm: r.total_vm_kib << 10,
+                anon_rss: r.anon_rss_kib << 10,
+                file_rss: r.file_rss_kib << 10,
+                shmem_rss: r.shmem_rss_kib << 10,
+                pgtables: r.pgtables_kib << 10,
+                oom_score_adj: r.oom_score_adj,
+            }))
+        }
         None => Err(DecodeError::Kind(header.kind)),
     }
 }
@@ -188,6 +399,119 @@ fn decode_alloc(bytes: &[u8]) -> Result<Event, DecodeError> {
         size,
         func,
         old_addr: (func.is_realloc() && old != 0).then_some(old),
+        stack,
+    }))
+}
+
+/// Reads a variable-length record: its fixed part as `T` (whose trailing
+/// `frames` array may be cut short) and `nframes` frames after `fixed`.
+fn read_with_frames<T: Copy>(
+    bytes: &[u8],
+    fixed: usize,
+    nframes: impl Fn(&T) -> u16,
+) -> Result<(T, Vec<u64>), DecodeError> {
+    if bytes.len() < fixed {
+        return Err(DecodeError::Truncated {
+            got: bytes.len(),
+            need: fixed,
+        });
+    }
+    // Pad to the full size so the fixed part can be read as a `T`.
+    let mut full = vec![0u8; size_of::<T>()];
+    let n = bytes.len().min(full.len());
+    full[..n].copy_from_slice(&bytes[..n]);
+    let rec: T = read(&full)?;
+    let frames = (nframes(&rec) as usize).min(MAX_FRAMES);
+    let need = fixed + 8 * frames;
+    if bytes.len() < need {
+        return Err(DecodeError::Truncated {
+            got: bytes.len(),
+            need,
+        });
+    }
+    let stack = (0..frames)
+        .map(|i| read_u64_at(bytes, fixed + 8 * i))
+        .collect();
+    Ok((rec, stack))
+}
+
+fn decode_rss(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let (r, stack) = read_with_frames::<RssRecord>(bytes, RssRecord::FIXED_LEN, |r| r.nframes)?;
+    let member = RssMember::from_u32(r.member).ok_or(DecodeError::Field {
+        what: "RSS member",
+        value: r.member.into(),
+    })?;
+    Ok(Event::Rss(Rss {
+        pid: r.header.tgid,
+        ts_ns: r.header.ts_ns,
+        member,
+        bytes: r.bytes.max(0) as u64,
+        delta: r.delta,
+        fault: (r.flags & RSS_FAULT != 0).then_some(r.fault_addr),
+        sampled: r.flags & RSS_SAMPLED != 0,
+        stack,
+    }))
+}
+
+fn decode_vm(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let (r, stack) = read_with_frames::<VmRecord>(bytes, VmRecord::FIXED_LEN, |r| r.nframes)?;
+    let op = VmOp::from_u16(r.op).ok_or(DecodeError::Field {
+        what: "address-space syscall",
+        value: r.op.into(),
+    })?;
+    let call = match op {
+        VmOp::Mmap => VmCall::Mmap {
+            addr: r.ret,
+            len: r.len,
+            prot: r.arg3 as u32,
+            flags: r.arg4 as u32,
+            fd: r.arg5 as i32,
+        },
+        VmOp::Munmap => VmCall::Munmap {
+            addr: r.addr,
+            len: r.len,
+        },
+        VmOp::Mremap => VmCall::Mremap {
+            old_addr: r.addr,
+            old_len: r.len,
+            new_addr: r.ret,
+            new_len: r.arg3,
+        },
+        VmOp::Brk => VmCall::Brk {
+            requested: r.addr,
+            brk: r.ret,
+        },
+        VmOp::Madvise => VmCall::Madvise {
+            addr: r.addr,
+            len: r.len,
+            advice: r.arg3 as u32,
+        },
+    };
+    Ok(Event::Vm(Vm {
+        pid: r.header.tgid,
+        ts_ns: r.header.ts_ns,
+        call,
+        by_allocator: r.by_allocator != 0,
+        stack,
+    }))
+}
+
+fn decode_kmem(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let (r, stack) = read_with_frames::<KmemRecord>(bytes, KmemRecord::FIXED_LEN, |r| r.nframes)?;
+    let known = |v: u64, what| {
+        u16::try_from(v)
+            .ok()
+            .and_then(KmemOp::from_u16)
+            .ok_or(DecodeError::Field { what, value: v })
+    };
+    Ok(Event::Kmem(Kmem {
+        pid: r.header.tgid,
+        ts_ns: r.header.ts_ns,
+        op: known(r.op.into(), "kernel allocation op")?,
+        space: known(r.space, "kernel allocation space")?,
+        addr: r.addr,
+        bytes_req: r.bytes_req,
+        bytes_alloc: r.bytes_alloc,
         stack,
     }))
 }

@@ -10,6 +10,7 @@
 //!                 │ Event ──► record::writer ──► recording file
 //!                 ▼                                   │
 //!            agg::Aggregator (pure) ◄── replay / diff ◄┘ record::reader
+//!              + mem::Memory (kernel side: RSS, mappings, faults, kmem)
 //!                 │
 //!            output (view × format) ─► report::build / report::samples
 //!                 │                          ▲
@@ -18,7 +19,7 @@
 //!                                     the recording's own frames
 //! ```
 //!
-//! `agg`, `event`, `record`, `report` and `maps::parse` are pure (or touch
+//! `agg`, `mem`, `event`, `record`, `report` and `maps::parse` are pure (or touch
 //! only the file they are given) and are unit-tested without root; `load` is
 //! the only module that talks to BPF.
 #![deny(missing_docs)]
@@ -31,6 +32,7 @@ pub mod error;
 pub mod event;
 pub mod load;
 pub mod maps;
+pub mod mem;
 pub mod output;
 pub mod record;
 pub mod replay;
@@ -38,3 +40,4 @@ pub mod report;
 pub mod session;
 pub mod symbolize;
 pub mod target;
+pub mod tracefs;

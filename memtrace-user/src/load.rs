@@ -5,9 +5,10 @@
 
 use std::num::NonZeroU32;
 
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{
-    ProgramError, RawTracePoint, UProbe,
+    ProgramError, RawTracePoint, TracePoint, UProbe,
+    trace_point::TracePointLink,
     uprobe::{UProbeLink, UProbeScope},
 };
 use aya::{Ebpf, EbpfLoader};
@@ -16,6 +17,52 @@ use memtrace_common::{AllocFn, Counter};
 use crate::attach::{Library, Site, display_name, sites_of};
 use crate::error::{Result, UserError};
 use crate::report::Probes;
+use crate::tracefs;
+
+/// Kernel tracepoints and the programs on them, always attached: RSS,
+/// faults, address-space syscalls, exec and OOM.
+const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("rss_stat", "kmem", "rss_stat"),
+    ("page_fault_user", "exceptions", "page_fault_user"),
+    ("page_fault_kernel", "exceptions", "page_fault_kernel"),
+    ("sys_enter_mmap", "syscalls", "sys_enter_mmap"),
+    ("sys_enter_munmap", "syscalls", "sys_enter_munmap"),
+    ("sys_enter_mremap", "syscalls", "sys_enter_mremap"),
+    ("sys_enter_brk", "syscalls", "sys_enter_brk"),
+    ("sys_enter_madvise", "syscalls", "sys_enter_madvise"),
+    ("vm_exit", "syscalls", "sys_exit_mmap"),
+    ("vm_exit", "syscalls", "sys_exit_munmap"),
+    ("vm_exit", "syscalls", "sys_exit_mremap"),
+    ("vm_exit", "syscalls", "sys_exit_brk"),
+    ("vm_exit", "syscalls", "sys_exit_madvise"),
+    ("process_exec", "sched", "sched_process_exec"),
+    ("oom_victim", "oom", "mark_victim"),
+];
+
+/// Kernel-allocation tracepoints, attached with `--kernel` only: every
+/// kfree on the host runs a program then.
+const KERNEL_TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("kmalloc", "kmem", "kmalloc"),
+    ("kmem_cache_alloc", "kmem", "kmem_cache_alloc"),
+    ("slab_free", "kmem", "kfree"),
+    ("slab_free", "kmem", "kmem_cache_free"),
+    ("page_alloc", "kmem", "mm_page_alloc"),
+    ("page_free", "kmem", "mm_page_free"),
+    ("page_free", "kmem", "mm_page_free_batched"),
+    ("percpu_alloc", "percpu", "percpu_alloc_percpu"),
+    ("percpu_free", "percpu", "percpu_free_percpu"),
+];
+
+/// What the kernel side traces beyond the allocator probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// Every process, not only those named with [`Tracer::trace_process`].
+    pub all_processes: bool,
+    /// Take the user stack of every this many faults (`--fault-sample`).
+    pub fault_sample: u32,
+    /// Trace kernel allocations (`--kernel`).
+    pub kernel_allocations: bool,
+}
 
 /// The eBPF object, built by build.rs from memtrace-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
@@ -65,6 +112,8 @@ pub struct Tracer {
     ebpf: Ebpf,
     counts: PerCpuArray<MapData, u64>,
     links: Vec<UProbeLink>,
+    tracepoint_links: Vec<TracePointLink>,
+    traced: BpfHashMap<MapData, u32, u8>,
 }
 
 fn load_error(name: &str, e: &ProgramError) -> UserError {
@@ -95,10 +144,19 @@ fn verifier_hint(e: &ProgramError) -> String {
 impl Tracer {
     /// Loads every program; the ring buffer gets `ringbuf_bytes` (a power of
     /// two, at least a page).
-    pub fn load(ringbuf_bytes: u32) -> Result<Self> {
+    pub fn load(ringbuf_bytes: u32, opts: KernelOptions) -> Result<Self> {
         let self_tgid = std::process::id();
+        let trace_all = opts.all_processes as u8;
+        let fault_sample = opts.fault_sample.max(1);
+        let tracefs_root = tracefs::ensure_mounted()?;
+        tracefs::check(&tracefs_root, tracefs::FIELDS)?;
+        if opts.kernel_allocations {
+            tracefs::check(&tracefs_root, tracefs::KERNEL_FIELDS)?;
+        }
         let mut ebpf = EbpfLoader::new()
             .override_global("SELF_TGID", &self_tgid, true)
+            .override_global("TRACE_ALL", &trace_all, true)
+            .override_global("FAULT_SAMPLE", &fault_sample, true)
             .map_max_entries("EVENTS", ringbuf_bytes)
             .load(EBPF_OBJECT)
             .map_err(|e| {
@@ -128,10 +186,53 @@ impl Tracer {
                 .ok_or_else(|| internal("COUNTS", "map missing"))?,
         )
         .map_err(|e| internal("COUNTS", e))?;
-        Ok(Self {
+        let traced = BpfHashMap::try_from(
+            ebpf.take_map("TRACED")
+                .ok_or_else(|| internal("TRACED", "map missing"))?,
+        )
+        .map_err(|e| internal("TRACED", e))?;
+        let mut tracer = Self {
             ebpf,
             counts,
             links: Vec::new(),
+            tracepoint_links: Vec::new(),
+            traced,
+        };
+        tracer.attach_tracepoints(TRACEPOINTS)?;
+        if opts.kernel_allocations {
+            tracer.attach_tracepoints(KERNEL_TRACEPOINTS)?;
+        }
+        Ok(tracer)
+    }
+
+    fn attach_tracepoints(&mut self, list: &[(&str, &str, &str)]) -> Result<()> {
+        for &(name, category, event) in list {
+            let prog: &mut TracePoint = program(&mut self.ebpf, name)?
+                .try_into()
+                .map_err(|e| internal(name, e))?;
+            if prog.fd().is_err() {
+                prog.load().map_err(|e| load_error(name, &e))?;
+            }
+            let id = prog.attach(category, event).map_err(|e| {
+                UserError::new(
+                    format!("attaching to the tracepoint {category}:{event} failed: {e}"),
+                    "memtrace needs tracefs and kernel tracepoints (CONFIG_TRACEPOINTS, CONFIG_FTRACE_SYSCALLS)",
+                )
+            })?;
+            self.tracepoint_links
+                .push(prog.take_link(id).map_err(|e| internal(name, e))?);
+        }
+        Ok(())
+    }
+
+    /// Reports the kernel-side memory events of process `pid` (the
+    /// allocator probes are scoped when attached).
+    pub fn trace_process(&mut self, pid: u32) -> Result<()> {
+        self.traced.insert(pid, 1, 0).map_err(|e| {
+            UserError::new(
+                format!("cannot trace the kernel-side events of pid {pid}: {e}"),
+                "memtrace follows at most 4096 processes by pid; trace the whole system instead",
+            )
         })
     }
 
@@ -197,10 +298,12 @@ impl Tracer {
     /// from parallel threads and the grace periods overlap.
     pub fn detach(mut self) {
         let links = std::mem::take(&mut self.links);
+        let tracepoints = std::mem::take(&mut self.tracepoint_links);
         std::thread::scope(|s| {
             for link in links {
                 s.spawn(move || drop(link));
             }
+            s.spawn(move || drop(tracepoints));
         });
     }
 

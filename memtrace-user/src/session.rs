@@ -21,7 +21,7 @@ use crate::attach::{self, LibKind, Library};
 use crate::cli::{CountArgs, TargetArgs, TraceArgs};
 use crate::error::{Result, UserError};
 use crate::event::{self, Event};
-use crate::load::Tracer;
+use crate::load::{KernelOptions, Tracer};
 use crate::output::{self, Inputs};
 use crate::record::writer::Recorder;
 use crate::record::{Meta, ProbesMeta, Start};
@@ -47,20 +47,30 @@ struct State {
     symbols: Symbols,
     decode_errors: u64,
     recorder: Option<Recorder>,
+    /// Processes the OOM killer chose, whose reports are not written yet.
+    oom_victims: Vec<u32>,
 }
 
 impl State {
     fn handle(&mut self, bytes: &[u8]) {
         match event::decode(bytes) {
-            Ok(ev) => {
-                let new = self.agg.on_event(&ev).is_some();
-                // The recording keeps stacks outside the size filter too.
-                let recorded_new = self.recorder.as_mut().is_some_and(|r| r.record(&ev));
-                if let (true, Event::Alloc(a)) = (new || recorded_new, &ev) {
-                    self.symbols.observe(a.pid, &a.stack);
-                }
-            }
+            Ok(ev) => self.apply(&ev),
             Err(_) => self.decode_errors += 1,
+        }
+    }
+
+    fn apply(&mut self, ev: &Event) {
+        let new = self.agg.on_event(ev).is_some();
+        // The recording keeps stacks outside the size filter too.
+        let recorded_new = self.recorder.as_mut().is_some_and(|r| r.record(ev));
+        if new || recorded_new {
+            // Resolved now, while the process (and its mappings) lives.
+            if let Some(stack) = ev.stack() {
+                self.symbols.observe(ev.pid(), stack);
+            }
+        }
+        if let Event::Oom(o) = ev {
+            self.oom_victims.push(o.pid);
         }
     }
 
@@ -169,6 +179,7 @@ fn describe(args: &TargetArgs, child: Option<&GatedChild>) -> String {
 pub fn config(count: &CountArgs, defaults: Option<&Start>) -> Config {
     let d = Config::default();
     Config {
+        fault_sample: defaults.map_or(d.fault_sample, |s| s.fault_sample),
         filter: SizeFilter {
             min: count.min_size.or(defaults.map(|s| s.min_size)).unwrap_or(0),
             max: count
@@ -208,6 +219,7 @@ fn start_recording(
         min_size: config.filter.min,
         max_size: config.filter.max,
         temporary_ns: config.temporary_ns,
+        fault_sample: config.fault_sample,
     };
     Recorder::create(path, start)
 }
@@ -229,7 +241,10 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         |e: std::io::Error| UserError::new(format!("cannot catch signals: {e}"), "this is a bug");
     let mut sigint = signal(SignalKind::interrupt()).map_err(signal_err)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(signal_err)?;
-    let config = config(&args.count, None);
+    let config = Config {
+        fault_sample: args.target.fault_sample,
+        ..config(&args.count, None)
+    };
     let start_ns = monotonic_ns();
     // Created before anything is attached, so a bad path costs nothing.
     let mut recorder = match &args.record {
@@ -246,7 +261,17 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         Some(target::spawn_gated(&target_args.command)?)
     };
     let plan = plan(target_args, child.as_ref())?;
-    let mut tracer = Tracer::load(target_args.ringbuf_size << 20)?;
+    let mut tracer = Tracer::load(
+        target_args.ringbuf_size << 20,
+        KernelOptions {
+            all_processes: target_args.system_wide(),
+            fault_sample: target_args.fault_sample,
+            kernel_allocations: target_args.kernel,
+        },
+    )?;
+    for pid in target_args.pids.iter().chain(child.as_ref().map(|c| &c.pid)) {
+        tracer.trace_process(*pid)?;
+    }
     let mut probes: Vec<Probes> = Vec::new();
     for (lib, pid) in &plan {
         probes.push(tracer.attach(lib, *pid)?);
@@ -273,9 +298,14 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         symbols: Symbols::new(),
         decode_errors: 0,
         recorder,
+        oom_victims: Vec::new(),
     };
     for &pid in &target_args.pids {
         state.symbols.observe(pid, &[]);
+        // What is resident already: the kernel reports only changes.
+        for ev in target::resident_now(pid, monotonic_ns()) {
+            state.apply(&ev);
+        }
     }
     let mut child_status = child.as_ref().map(|c| target::wait_in_background(c.pid));
     if let Some(child) = child {
@@ -313,6 +343,10 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
                 if state.drain(guard.get_inner_mut(), BATCH) {
                     guard.clear_ready();
                 }
+                if !state.oom_victims.is_empty() {
+                    let now = Snapshot::take(&tracer, &state, start_ns);
+                    write_oom_reports(target_args, &mut state, &probes, &now, start_ns);
+                }
             }
             _ = sigint.recv() => break Stop::Signal,
             _ = sigterm.recv() => break Stop::Signal,
@@ -340,6 +374,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     // What the ring holds now, not what a busy host keeps adding.
     state.drain(ring.get_mut(), backlog);
     let now = Snapshot::take(&tracer, &state, start_ns);
+    write_oom_reports(target_args, &mut state, &probes, &now, start_ns);
     if !record_only {
         emit(&args, &mut state, &probes, &now, start_ns, &mut out)?;
     }
@@ -501,4 +536,50 @@ fn emit(
         recording: None,
     };
     output::emit(&args.view, input, out)
+}
+
+/// Writes the report of each process the OOM killer chose since the last
+/// call: its heap by stack and its memory view, as JSON, while memtrace
+/// still holds them (`--oom-dir`).
+fn write_oom_reports(
+    args: &TargetArgs,
+    state: &mut State,
+    probes: &[Probes],
+    now: &Snapshot,
+    start_ns: u64,
+) {
+    for pid in std::mem::take(&mut state.oom_victims) {
+        let opts = report::Options {
+            top: 0,
+            live_before_ns: None,
+            duration_s: now.duration_s,
+            start_ns,
+            views: vec![report::View::Leaks, report::View::Memory],
+        };
+        let mut r = report::build(&state.agg, &now.ledger, probes, &mut state.symbols, &opts);
+        r.processes.retain(|p| p.pid == pid && p.memory.as_ref().is_some_and(|m| m.oom.is_some()));
+        let unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let dir = args.oom_dir.clone().unwrap_or_else(|| ".".into());
+        let path = dir.join(format!("memtrace-oom-{pid}-{unix_s}.json"));
+        let written = output::open(Some(&path))
+            .map_err(|e| e.to_string())
+            .and_then(|mut f| {
+                report::json::render(&r, &mut f)
+                    .and_then(|()| f.flush())
+                    .map_err(|e| e.to_string())
+            });
+        match written {
+            Ok(()) => eprintln!(
+                "memtrace: the OOM killer chose PID {pid} ({}); its memory report is in {}",
+                r.processes.first().and_then(|p| p.comm.clone()).unwrap_or_default(),
+                path.display()
+            ),
+            Err(e) => eprintln!(
+                "memtrace: the OOM killer chose PID {pid}; its report could not be written to {}: {e}",
+                path.display()
+            ),
+        }
+    }
 }

@@ -9,6 +9,13 @@
 //! (ELF symbols, DWARF lines and inlined functions, debug links and
 //! `/usr/lib/debug/.build-id`), caching per (file, offset).
 //!
+//! Kernel addresses (of kernel stacks, at or above [`KERNEL_START`]) need no
+//! snapshot: they mean the same in every process, and blazesym's kernel
+//! source symbolizes them from `/proc/kallsyms` (or a `vmlinux` with debug
+//! info, when one is installed) at report time, caching per address. Their
+//! module is `[kernel.kallsyms]`, or `[name]` for a loadable module, as perf
+//! shows them.
+//!
 //! An address that cannot be resolved is still reported, as a bare address or
 //! as module + offset: never dropped, never an error.
 
@@ -17,9 +24,22 @@ use std::collections::hash_map::Entry;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
+use blazesym::MaybeDefault;
 use blazesym::symbolize::{self, source::Source};
 
 use crate::maps::{self, Mapping};
+
+/// Lowest kernel address (the kernel half of a 48-bit address space, on
+/// x86-64 and arm64); user addresses are below.
+pub const KERNEL_START: u64 = 0xffff_8000_0000_0000;
+
+/// The module of a frame in the kernel image, named as perf names it.
+pub const KERNEL_MODULE: &str = "[kernel.kallsyms]";
+
+/// Whether `addr` is a kernel address.
+pub fn is_kernel(addr: u64) -> bool {
+    addr >= KERNEL_START
+}
 
 /// One reported stack frame.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -30,12 +50,14 @@ pub struct Frame {
     pub file: Option<String>,
     /// Source line, when debug info has it.
     pub line: Option<u32>,
-    /// Path of the mapped file, as the process saw it.
+    /// Path of the mapped file, as the process saw it; for a kernel
+    /// address, [`KERNEL_MODULE`] or `[name]` of a loadable module.
     pub module: Option<String>,
     /// The return address, as in the process.
     #[serde(serialize_with = "hex")]
     pub address: u64,
-    /// Offset of the address in `module`.
+    /// Offset of the address in `module` (for the kernel image, the address
+    /// itself; for a loadable module, from where it is loaded).
     #[serde(skip)]
     pub module_offset: Option<u64>,
     /// GNU build-id of `module`, hex, when it has one.
@@ -70,6 +92,7 @@ fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
 pub trait Symbolize {
     /// Frames for a stack of process `pid`, innermost first. May return more
     /// frames than addresses (inlined functions get frames of their own).
+    /// Addresses are return addresses, user or kernel ([`is_kernel`]).
     fn frames(&mut self, pid: u32, stack: &[u64]) -> Vec<Frame>;
     /// The process's command name, if known.
     fn comm(&self, pid: u32) -> Option<String>;
@@ -99,6 +122,10 @@ pub struct Symbols {
     modules: Vec<Module>,
     module_ids: HashMap<(String, u64, String), usize>,
     cache: HashMap<(usize, u64), Vec<Frame>>,
+    /// Frames of kernel addresses, by address.
+    kernel_cache: HashMap<u64, Vec<Frame>>,
+    /// Loaded kernel modules, read once when first needed.
+    kernel_modules: Option<Vec<KernelModule>>,
 }
 
 impl Default for Symbols {
@@ -120,13 +147,16 @@ impl Symbols {
             modules: Vec::new(),
             module_ids: HashMap::new(),
             cache: HashMap::new(),
+            kernel_cache: HashMap::new(),
+            kernel_modules: None,
         }
     }
 
     /// Remembers the process's name and mappings the first time it is seen,
     /// and opens the files holding `stack`'s addresses. Mappings are read
     /// again when an address is outside the snapshot (a library loaded
-    /// later), as long as the process lives.
+    /// later), as long as the process lives. Kernel addresses need nothing
+    /// from the process and are skipped.
     pub fn observe(&mut self, pid: u32, stack: &[u64]) {
         if let Entry::Vacant(slot) = self.procs.entry(pid) {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -140,7 +170,11 @@ impl Symbols {
             });
             self.refresh(pid);
         }
-        let covered = |p: &Proc| stack.iter().all(|a| maps::position(&p.maps, *a).is_some());
+        let covered = |p: &Proc| {
+            stack
+                .iter()
+                .all(|&a| is_kernel(a) || maps::position(&p.maps, a).is_some())
+        };
         if !covered(&self.procs[&pid]) && !self.procs[&pid].gone {
             self.refresh(pid);
         }
@@ -207,32 +241,125 @@ impl Symbols {
             Ok(symbolize::Symbolized::Sym(sym)) => sym,
             _ => return vec![base],
         };
-        let code = |ci: Option<&symbolize::CodeInfo<'_>>| {
-            ci.map(|ci| (Some(ci.to_path().display().to_string()), ci.line))
-                .unwrap_or((None, None))
-        };
-        // blazesym lists inlined calls outermost first, each with the
-        // location inside it; the symbol's own location is the call site in
-        // the outer function. Frames go innermost first.
-        let mut out = Vec::with_capacity(1 + sym.inlined.len());
-        for f in sym.inlined.iter().rev() {
-            let (file, line) = code(f.code_info.as_ref());
-            out.push(Frame {
-                function: Some(f.name.to_string()),
-                file,
-                line,
-                ..base.clone()
-            });
+        sym_frames(&sym, base)
+    }
+
+    /// Symbolizes kernel addresses not in the cache yet, into the cache.
+    fn symbolize_kernel(&mut self, addrs: &[u64]) {
+        // Kernel stacks hold return addresses too: look up the call, one
+        // byte back, as the kernel's own backtraces do (printk's `%pB`,
+        // Documentation/core-api/printk-formats.rst).
+        let calls: Vec<u64> = addrs.iter().map(|a| a.saturating_sub(1)).collect();
+        let input = symbolize::Input::AbsAddr(&calls[..]);
+        let kernel = symbolize::source::Kernel::default();
+        let results = self
+            .blaze
+            .symbolize(&Source::Kernel(kernel), input)
+            .or_else(|_| {
+                // A vmlinux was found but could not be used (its KASLR offset
+                // needs /proc/kcore, say): kallsyms alone still has names.
+                let kallsyms_only = symbolize::source::Kernel {
+                    vmlinux: MaybeDefault::None,
+                    ..symbolize::source::Kernel::default()
+                };
+                self.blaze.symbolize(&Source::Kernel(kallsyms_only), input)
+            })
+            .unwrap_or_default();
+        let modules = self
+            .kernel_modules
+            .get_or_insert_with(|| {
+                std::fs::read_to_string("/proc/modules")
+                    .map(|text| parse_modules(&text))
+                    .unwrap_or_default()
+            })
+            .as_slice();
+        for (i, &addr) in addrs.iter().enumerate() {
+            let (module, offset) = match kernel_module(modules, addr) {
+                Some(m) => (format!("[{}]", m.name), addr - m.start),
+                None => (KERNEL_MODULE.to_string(), addr),
+            };
+            let base = Frame {
+                module: Some(module),
+                address: addr,
+                module_offset: Some(offset),
+                ..Frame::default()
+            };
+            let frames = match results.get(i) {
+                Some(symbolize::Symbolized::Sym(sym)) => sym_frames(sym, base),
+                _ => vec![base],
+            };
+            self.kernel_cache.insert(addr, frames);
         }
-        let (file, line) = code(sym.code_info.as_deref());
+    }
+}
+
+/// The frames of a symbol blazesym found: its inlined calls, then itself,
+/// each with `base`'s module and address.
+fn sym_frames(sym: &symbolize::Sym<'_>, base: Frame) -> Vec<Frame> {
+    let code = |ci: Option<&symbolize::CodeInfo<'_>>| {
+        ci.map(|ci| (Some(ci.to_path().display().to_string()), ci.line))
+            .unwrap_or((None, None))
+    };
+    // blazesym lists inlined calls outermost first, each with the location
+    // inside it; the symbol's own location is the call site in the outer
+    // function. Frames go innermost first.
+    let mut out = Vec::with_capacity(1 + sym.inlined.len());
+    for f in sym.inlined.iter().rev() {
+        let (file, line) = code(f.code_info.as_ref());
         out.push(Frame {
-            function: Some(sym.name.to_string()),
+            function: Some(f.name.to_string()),
             file,
             line,
-            ..base
+            ..base.clone()
         });
-        out
     }
+    let (file, line) = code(sym.code_info.as_deref());
+    out.push(Frame {
+        function: Some(sym.name.to_string()),
+        file,
+        line,
+        ..base
+    });
+    out
+}
+
+/// A loaded kernel module's core, as `/proc/modules` lists it.
+#[derive(Debug, PartialEq, Eq)]
+struct KernelModule {
+    name: String,
+    start: u64,
+    size: u64,
+}
+
+/// Parses `/proc/modules` (`name size refcount deps state address ...`).
+/// Modules whose address is hidden (0, for lack of privileges) are left
+/// out.
+fn parse_modules(text: &str) -> Vec<KernelModule> {
+    let mut out: Vec<KernelModule> = text
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+            let (name, size, addr) = (fields.first()?, fields.get(1)?, fields.get(5)?);
+            let start = u64::from_str_radix(addr.strip_prefix("0x")?, 16).ok()?;
+            Some(KernelModule {
+                name: name.to_string(),
+                start,
+                size: size.parse().ok()?,
+            })
+        })
+        .filter(|m| m.start != 0)
+        .collect();
+    out.sort_by_key(|m| m.start);
+    out
+}
+
+/// The module (sorted by start) that holds `addr`.
+fn kernel_module(modules: &[KernelModule], addr: u64) -> Option<&KernelModule> {
+    let i = modules
+        .partition_point(|m| m.start <= addr)
+        .checked_sub(1)?;
+    let m = &modules[i];
+    (addr - m.start < m.size).then_some(m)
 }
 
 /// The GNU build-id note of an ELF file, as hex.
@@ -256,8 +383,22 @@ fn open_mapped(pid: u32, m: &Mapping) -> Option<File> {
 
 impl Symbolize for Symbols {
     fn frames(&mut self, pid: u32, stack: &[u64]) -> Vec<Frame> {
+        let mut kernel: Vec<u64> = stack
+            .iter()
+            .copied()
+            .filter(|&a| is_kernel(a) && !self.kernel_cache.contains_key(&a))
+            .collect();
+        if !kernel.is_empty() {
+            kernel.sort_unstable();
+            kernel.dedup();
+            self.symbolize_kernel(&kernel);
+        }
         let mut out = Vec::with_capacity(stack.len());
         for &addr in stack {
+            if is_kernel(addr) {
+                out.extend(self.kernel_cache[&addr].iter().cloned());
+                continue;
+            }
             let hit = self.procs.get(&pid).and_then(|p| {
                 let i = maps::position(&p.maps, addr)?;
                 Some((p.modules[i], p.maps[i].file_offset(addr)))
@@ -286,5 +427,92 @@ impl Symbolize for Symbols {
 
     fn comm(&self, pid: u32) -> Option<String> {
         self.procs.get(&pid).and_then(|p| p.comm.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The address of kernel function `name` in `/proc/kallsyms`: `None`
+    /// when absent, `Some(0)` when hidden.
+    fn kallsyms_address(name: &str) -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
+        text.lines().find_map(|line| {
+            let mut f = line.split_ascii_whitespace();
+            let (addr, kind, sym) = (f.next()?, f.next()?, f.next()?);
+            let in_image = f.next().is_none();
+            (sym == name && in_image && kind.eq_ignore_ascii_case("t"))
+                .then(|| u64::from_str_radix(addr, 16).ok())
+                .flatten()
+        })
+    }
+
+    #[test]
+    fn kernel_addresses_get_kernel_function_names() {
+        let Some(kfree) = kallsyms_address("kfree") else {
+            eprintln!("skipping: kfree not found in /proc/kallsyms");
+            return;
+        };
+        if kfree == 0 {
+            eprintln!(
+                "skipping: /proc/kallsyms shows zero addresses (kptr_restrict; \
+                 needs root or CAP_SYSLOG)"
+            );
+            return;
+        }
+        let mut sym = Symbols::new();
+        // A return address just inside kfree: its call is kfree's first
+        // byte. (kfree's own start, as a return address, would be a call
+        // at the end of the function before it.)
+        let ret = kfree + 1;
+        let user = 0x1234; // mapped by no process
+        let frames = sym.frames(1, &[ret, user]);
+        let last = frames.iter().rposition(|f| f.address == ret).unwrap();
+        let f = &frames[last];
+        assert_eq!(f.function.as_deref(), Some("kfree"), "{frames:?}");
+        assert_eq!(f.module.as_deref(), Some(KERNEL_MODULE));
+        assert_eq!(f.label(), "kfree");
+        assert_eq!(frames.last().unwrap().address, user);
+        assert_eq!(frames.last().unwrap().function, None);
+        // Cached per address, the same for every process.
+        assert_eq!(sym.kernel_cache.len(), 1);
+        let again = sym.frames(4242, &[ret]);
+        assert_eq!(again, frames[..=last]);
+        assert_eq!(sym.kernel_cache.len(), 1);
+        // `observe` does not read maps again for kernel addresses.
+        sym.observe(std::process::id(), &[ret]);
+        assert!(!sym.procs[&std::process::id()].gone);
+    }
+
+    #[test]
+    fn modules_are_parsed_and_found() {
+        let text = "\
+nf_tables 376832 0 - Live 0xffffffffc0a00000
+xfs 2355200 1 - Live 0xffffffffc0200000 (E)
+hidden 4096 0 - Live 0x0000000000000000
+broken line
+";
+        let mods = parse_modules(text);
+        assert_eq!(mods.len(), 2);
+        assert_eq!(mods[0].name, "xfs");
+        let find = |a| kernel_module(&mods, a).map(|m| m.name.as_str());
+        assert_eq!(find(0xffff_ffff_c0a0_0010), Some("nf_tables"));
+        assert_eq!(find(0xffff_ffff_c020_0000), Some("xfs"));
+        assert_eq!(find(0xffff_ffff_c0a0_0000 + 376_832), None);
+        assert_eq!(find(0xffff_ffff_8100_0000), None);
+    }
+
+    #[test]
+    fn unknown_kernel_frames_keep_their_address() {
+        let f = Frame {
+            module: Some(KERNEL_MODULE.into()),
+            address: 0xffff_ffff_8100_0010,
+            module_offset: Some(0xffff_ffff_8100_0010),
+            ..Frame::default()
+        };
+        assert_eq!(f.label(), "[kernel.kallsyms]+0xffffffff81000010");
+        assert!(is_kernel(f.address));
+        assert!(!is_kernel(0x7fff_ffff_f000));
     }
 }

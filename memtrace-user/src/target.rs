@@ -71,6 +71,42 @@ pub fn comm(pid: u32) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// A process's RSS counters as `/proc/PID/status` has them now, as events
+/// at `ts_ns` (the kernel side reports only changes). Empty when the file
+/// cannot be read.
+pub fn resident_now(pid: u32, ts_ns: u64) -> Vec<crate::event::Event> {
+    use memtrace_common::RssMember;
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    let kib = |key: &str| -> Option<u64> {
+        status.lines().find_map(|l| {
+            let v = l.strip_prefix(key)?.strip_prefix(':')?;
+            v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+        })
+    };
+    [
+        (RssMember::Anon, "RssAnon"),
+        (RssMember::File, "RssFile"),
+        (RssMember::Shmem, "RssShmem"),
+        (RssMember::Swap, "VmSwap"),
+    ]
+    .into_iter()
+    .filter_map(|(member, key)| {
+        Some(crate::event::Event::Rss(crate::event::Rss {
+            pid,
+            ts_ns,
+            member,
+            bytes: kib(key)? << 10,
+            delta: 0,
+            fault: None,
+            sampled: false,
+            stack: Vec::new(),
+        }))
+    })
+    .collect()
+}
+
 /// Whether a process is gone: no `/proc` entry, or a zombie.
 pub fn has_exited(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -231,3 +231,105 @@ mod tests {
         assert_eq!((t.total_count, t.live_count), (574, 10));
     }
 }
+
+/// `fixtures/mem_fixture.c` and `fixtures/py_fixture.py`: resident memory
+/// (RSS) as opposed to allocated bytes. Each C mode's steps are siblings
+/// called from `main`, in the order listed; the Python steps are called from
+/// the script's `main()`.
+pub mod resident {
+    /// The page size the fixtures step by.
+    pub const PAGE: u64 = 4096;
+    /// One MiB, the unit of `hog` and of the Python sizes.
+    pub const MIB: u64 = 1 << 20;
+
+    // ---- mem_fixture calloc-touch ----
+
+    /// `untouched_calloc`: one `calloc(1, CALLOC_BYTES)`, never freed.
+    /// glibc serves it from a fresh mmap, so calloc writes none of it.
+    pub const CALLOC_BYTES: u64 = 1 << 30;
+    /// `touch_tenth` writes one byte in each of the block's first pages:
+    /// 10% of it, rounded down to whole pages ((1 GiB / 10) / 4096).
+    pub const TOUCHED_PAGES: u64 = CALLOC_BYTES / 10 / PAGE;
+    /// Resident bytes `touch_tenth` adds (anonymous): 107,372,544, not the
+    /// 1 GiB allocated. The block starts 16 bytes into its first page (the
+    /// mmap'd chunk's header), so byte `i * PAGE` of it is in page i.
+    pub const TOUCHED_BYTES: u64 = TOUCHED_PAGES * PAGE;
+    pub const UNTOUCHED_CALLOC: &str = "untouched_calloc";
+    pub const TOUCH_TENTH: &str = "touch_tenth";
+
+    // ---- mem_fixture retain ----
+
+    /// `fill_heap`: this many `malloc(RETAIN_SIZE)`, each memset.
+    pub const RETAIN_BLOCKS: u64 = 100_000;
+    pub const RETAIN_SIZE: u64 = 1000;
+    /// glibc's chunk for a 1000-byte request (1000 + 8 rounded up to 16):
+    /// the heap grows by this much per block.
+    pub const RETAIN_CHUNK: u64 = 1008;
+    /// `free_most` frees every block but the last one allocated, which sits
+    /// at the top of the brk heap, so glibc cannot trim and the freed
+    /// memory stays resident. Live allocated bytes after it: one block.
+    pub const RETAIN_LIVE_BYTES: u64 = RETAIN_SIZE;
+    pub const RETAIN_LIVE_COUNT: u64 = 1;
+    /// Bytes freed by `free_most`.
+    pub const RETAIN_FREED_BYTES: u64 = (RETAIN_BLOCKS - 1) * RETAIN_SIZE;
+    /// Anonymous resident bytes the heap keeps after `free_most`: every
+    /// chunk ever carved, 100,800,000 (about 96 MiB); measured RssAnon
+    /// growth is 98,440 kB (this plus the page the heap's top sits in).
+    pub const RETAIN_HEAP_RESIDENT: u64 = RETAIN_BLOCKS * RETAIN_CHUNK;
+    pub const FILL_HEAP: &str = "fill_heap";
+    pub const FREE_MOST: &str = "free_most";
+
+    // ---- mem_fixture filemap PATH SIZE ----
+
+    /// A SIZE for `filemap` (a whole number of pages). `map_file` writes
+    /// SIZE bytes of non-zero data to PATH and maps all of it `PROT_READ,
+    /// MAP_PRIVATE`; `read_mapping` reads one byte per page. File-backed RSS
+    /// (RssFile) grows by SIZE rounded up to whole pages, anonymous RSS does
+    /// not grow (the 1 MiB write buffer is filled before "ready"), and
+    /// nothing is malloc'd.
+    pub const FILEMAP_SIZE: u64 = 64 * MIB;
+    pub const MAP_FILE: &str = "map_file";
+    pub const READ_MAPPING: &str = "read_mapping";
+
+    // ---- mem_fixture pipes N ----
+
+    /// `fill_pipes` writes exactly this much into each of the N pipes that
+    /// `make_pipes` made: one page of pipe buffer per pipe, allocated by
+    /// the kernel in pipe_write and charged to the process's memory cgroup
+    /// (kernel memory: it is in no RSS counter).
+    pub const PIPE_BYTES: u64 = 4096;
+    /// A pipe count for `pipes N`: 1000 pipes, so `fill_pipes` makes the
+    /// kernel allocate 1000 pages (4,096,000 bytes); the slab objects of the
+    /// pipes and their files, from `make_pipes`, come on top. The fixture
+    /// raises its open-files limit to the hard one (2 descriptors a pipe).
+    pub const PIPES: u64 = 1000;
+    pub const MAKE_PIPES: &str = "make_pipes";
+    pub const FILL_PIPES: &str = "fill_pipes";
+
+    // ---- mem_fixture hog MIB ----
+
+    /// `hog` mallocs and memsets this much per step, MIB steps, all kept.
+    pub const HOG_STEP: u64 = MIB;
+    pub const HOG: &str = "hog";
+    /// The line `hog` prints (before "done") if it was not OOM-killed.
+    pub const HOG_SURVIVED: &str = "survived";
+
+    // ---- py_fixture.py ----
+
+    /// `make_untouched`: `bytes(512 MiB)`. CPython allocates it with calloc
+    /// (fresh mmap, never written): allocated, not resident.
+    pub const PY_UNTOUCHED: u64 = 512 * MIB;
+    /// `make_touched`: `bytearray(64 MiB)`, zero-filled with memset:
+    /// allocated and resident.
+    pub const PY_TOUCHED: u64 = 64 * MIB;
+    /// `make_list`: `[i for i in range(PY_LIST_LEN)]`, resident: 8 bytes of
+    /// pointer per item (plus the list's over-allocation) and a 32-byte int
+    /// object for each item above 256 (smaller ints are cached), about
+    /// 40 MB in all. Measured RssAnon growth of the whole work with
+    /// CPython 3.11: 104,852 kB (64 MiB + the list), not the 576 MiB
+    /// allocated.
+    pub const PY_LIST_LEN: u64 = 1_000_000;
+    pub const MAKE_UNTOUCHED: &str = "make_untouched";
+    pub const MAKE_TOUCHED: &str = "make_touched";
+    pub const MAKE_LIST: &str = "make_list";
+}

@@ -31,8 +31,9 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 const DEBIAN_PACKAGES: &[&str] = &["gcc", "g++", "libc6-dev", "util-linux"];
 
 /// Debian packages only the tests need: `go tool pprof` reads memtrace's
-/// pprof output, and headless Chromium renders its HTML report.
-const TEST_PACKAGES: &[&str] = &["golang-go", "chromium"];
+/// pprof output, headless Chromium renders its HTML report, and python3 runs
+/// the interpreter fixture (`tests/fixtures/py_fixture.py`).
+const TEST_PACKAGES: &[&str] = &["golang-go", "chromium", "python3"];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 

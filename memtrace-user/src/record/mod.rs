@@ -26,6 +26,24 @@
 //! [`events`]) and [`KIND_META`] (one JSON-encoded [`Meta`], rare and
 //! self-describing).
 //!
+//! Frames of kernel addresses (the kernel stacks of kernel allocations) are
+//! the same in every process: [`Meta::Symbols`] holds them once, under
+//! [`KERNEL_PID`].
+//!
+//! # Versions
+//!
+//! A reader reads its own version and every older one, and refuses newer
+//! files, saying so. What a new version is needed for: anything an older
+//! reader would misread or take for damage, such as a new event tag (it
+//! stops at a tag it does not know) or a changed field. What is not: a new
+//! meta block kind or a new optional field in a meta block (older readers
+//! skip what they do not know).
+//!
+//! - 1: allocations, frees, exits.
+//! - 2: adds RSS changes, address-space syscalls, kernel allocations (with
+//!   kernel stacks), OOM kills and execs to the event stream, and kernel
+//!   frames under [`KERNEL_PID`].
+//!
 //! This module defines the format; [`writer`] and [`reader`] implement it.
 //! It does not aggregate or render.
 
@@ -42,8 +60,9 @@ use crate::symbolize::Frame;
 
 /// First bytes of every recording.
 pub const MAGIC: &[u8; 8] = b"MEMTRACE";
-/// Format version written; readers refuse newer ones.
-pub const VERSION: u32 = 1;
+/// Format version written; readers refuse newer ones (see "Versions"
+/// above).
+pub const VERSION: u32 = 2;
 /// Size of the file header.
 pub const HEADER_LEN: usize = 16;
 /// Size of a block's own header (length, crc, kind).
@@ -52,6 +71,10 @@ pub const BLOCK_HEADER_LEN: usize = 9;
 pub const KIND_EVENTS: u8 = 1;
 /// A block holding one [`Meta`].
 pub const KIND_META: u8 = 2;
+/// The process under which [`Meta::Symbols`] holds kernel addresses, shared
+/// by all processes (pid 0 is the kernel's idle task: never traced, and
+/// with no user addresses).
+pub const KERNEL_PID: u32 = 0;
 /// Largest block body a reader accepts (a corrupt length must not make it
 /// allocate gigabytes).
 pub const MAX_BLOCK: usize = 64 << 20;
@@ -81,7 +104,7 @@ pub enum Meta {
     },
     /// Frames of stack addresses of one process, resolved while it lived.
     Symbols {
-        /// Process id.
+        /// Process id; [`KERNEL_PID`] for kernel addresses.
         pid: u32,
         /// Address → frames (innermost first; inlined calls expand one
         /// address into several frames).
@@ -122,6 +145,14 @@ pub struct Start {
     pub max_size: u64,
     /// `--temporary-ms` of the live run, in ns.
     pub temporary_ns: u64,
+    /// `--fault-sample` of the live run: one fault in this many carries a
+    /// stack (absent in recordings without kernel events).
+    #[serde(default = "default_fault_sample")]
+    pub fault_sample: u32,
+}
+
+fn default_fault_sample() -> u32 {
+    crate::agg::DEFAULT_FAULT_SAMPLE
 }
 
 /// [`Probes`], owned.

@@ -17,13 +17,13 @@ use flate2::read::DeflateDecoder;
 
 use super::events::{self, StackDef};
 use super::{
-    BLOCK_HEADER_LEN, Counters, HEADER_LEN, KIND_EVENTS, KIND_META, MAGIC, MAX_BLOCK, Meta,
-    RecFrame, Start, VERSION,
+    BLOCK_HEADER_LEN, Counters, HEADER_LEN, KERNEL_PID, KIND_EVENTS, KIND_META, MAGIC, MAX_BLOCK,
+    Meta, RecFrame, Start, VERSION,
 };
 use crate::error::UserError;
 use crate::event::Event;
 use crate::report::Probes;
-use crate::symbolize::{Frame, Symbolize};
+use crate::symbolize::{Frame, Symbolize, is_kernel};
 
 /// How much of the file could be read.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -73,7 +73,11 @@ impl Symbolize for RecordedSymbols {
     fn frames(&mut self, pid: u32, stack: &[u64]) -> Vec<Frame> {
         let mut out = Vec::with_capacity(stack.len());
         for &addr in stack {
-            match self.frames.get(&(pid, addr)) {
+            let mut found = self.frames.get(&(pid, addr));
+            if found.is_none() && is_kernel(addr) {
+                found = self.frames.get(&(KERNEL_PID, addr));
+            }
+            match found {
                 Some(fs) if !fs.is_empty() => out.extend(fs.iter().map(|f| f.at(addr))),
                 _ => out.push(Frame {
                     address: addr,
@@ -310,6 +314,7 @@ mod tests {
             min_size: 0,
             max_size: u64::MAX,
             temporary_ns: 1_000_000,
+            fault_sample: crate::agg::DEFAULT_FAULT_SAMPLE,
         }
     }
 
@@ -430,6 +435,113 @@ mod tests {
         std::fs::write(&path, &h).unwrap();
         let e = replay(&path, |_| {}).unwrap_err();
         assert!(e.message.contains("format version"), "{}", e.message);
+    }
+
+    #[test]
+    fn new_kinds_of_stacks_are_defined_once_and_kernel_frames_kept() {
+        use crate::event::{Kmem, Rss, Vm, VmCall};
+        use memtrace_common::{KmemOp, RssMember};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.mtr");
+        let kstack = vec![0xffff_ffff_8162_d2a1, 0xffff_ffff_8150_0010];
+        let kmem = |pid, ts_ns, stack: &Vec<u64>| {
+            Event::Kmem(Kmem {
+                pid,
+                ts_ns,
+                op: KmemOp::Kmalloc,
+                space: KmemOp::Kmalloc,
+                addr: 0xffff_8880_0000_1000,
+                bytes_req: 100,
+                bytes_alloc: 128,
+                stack: stack.clone(),
+            })
+        };
+        let rss = |stack: Vec<u64>| {
+            Event::Rss(Rss {
+                pid: 7,
+                ts_ns: 3000,
+                member: RssMember::Anon,
+                bytes: 4096,
+                delta: 4096,
+                fault: Some(0x10000),
+                sampled: true,
+                stack,
+            })
+        };
+        let evs = vec![
+            (rss(vec![]), false),
+            (rss(vec![0x5000, 0x6000]), true),
+            (rss(vec![0x5000, 0x6000]), false),
+            (
+                Event::Vm(Vm {
+                    pid: 7,
+                    ts_ns: 3100,
+                    call: VmCall::Munmap {
+                        addr: 0x7f00_0000_0000,
+                        len: 4096,
+                    },
+                    by_allocator: false,
+                    stack: vec![0x5000, 0x6000],
+                }),
+                false,
+            ),
+            (kmem(7, 3200, &kstack), true),
+            (kmem(7, 3300, &kstack), false),
+            // The same kernel stack in another process is its own stack,
+            // but its frames are written once.
+            (kmem(8, 3400, &kstack), true),
+            (kmem(8, 3500, &Vec::new()), false),
+            (
+                Event::Exec {
+                    pid: 8,
+                    ts_ns: 3600,
+                },
+                false,
+            ),
+        ];
+        let mut rec = Recorder::create(&path, start()).unwrap();
+        for (i, (e, new)) in evs.iter().enumerate() {
+            assert_eq!(rec.record(e), *new, "event {i}: {e:?}");
+        }
+        rec.finish(&mut NoSymbols, &Counters::default(), 9000, 1.0)
+            .unwrap();
+
+        let mut kernel_blocks = 0;
+        let mut back = Vec::new();
+        let mut rec = scan(&path, &mut |e| back.push(e.clone()), &mut |m| {
+            if let Meta::Symbols { pid, addresses } = m
+                && addresses.iter().any(|(a, _)| is_kernel(*a))
+            {
+                assert_eq!(*pid, KERNEL_PID);
+                assert_eq!(addresses.len(), 2);
+                kernel_blocks += 1;
+            }
+            true
+        })
+        .unwrap();
+        assert_eq!(kernel_blocks, 1);
+        let expected: Vec<Event> = evs.into_iter().map(|(e, _)| e).collect();
+        assert_eq!(back, expected);
+        for pid in [7, 8, 9] {
+            let f = rec.symbols.frames(pid, &kstack);
+            assert_eq!(f[0].function.as_deref(), Some("fffffffff8162d2a1"));
+        }
+        assert_eq!(rec.symbols.frames(8, &[0x5000])[0].function, None);
+    }
+
+    #[test]
+    fn version_1_recordings_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.mtr");
+        let evs = events(10);
+        write(&path, &evs, true);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let mut back = Vec::new();
+        let rec = replay(&path, |e| back.push(e.clone())).unwrap();
+        assert_eq!(back, evs);
+        assert!(rec.integrity.complete);
     }
 
     /// Writes a large synthetic recording for the bounded-memory check of

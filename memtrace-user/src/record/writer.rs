@@ -4,7 +4,8 @@
 //! [`BLOCK_TARGET`] bytes, or sooner when the session calls
 //! [`Recorder::flush`] (once a second), which also writes what is needed to
 //! read the events without the processes: names of new processes and the
-//! frames of new stacks, symbolized now, while their files are still open.
+//! frames of new stacks, symbolized now, while their files are still open
+//! (kernel addresses once for all processes).
 //! Each block goes out in one `write`, so a crash or a full disk cuts the
 //! file at a block boundary or inside the last block, never earlier.
 //!
@@ -19,13 +20,14 @@ use std::path::{Path, PathBuf};
 use flate2::Compression;
 use flate2::write::DeflateEncoder;
 
-use super::events::Encoder;
+use super::events::{Encoder, stack_of};
 use super::{
-    BLOCK_HEADER_LEN, Counters, KIND_EVENTS, KIND_META, MAGIC, Meta, RecFrame, Start, VERSION,
+    BLOCK_HEADER_LEN, Counters, KERNEL_PID, KIND_EVENTS, KIND_META, MAGIC, Meta, RecFrame, Start,
+    VERSION,
 };
 use crate::error::UserError;
 use crate::event::Event;
-use crate::symbolize::Symbolize;
+use crate::symbolize::{Symbolize, is_kernel};
 
 /// Encoded bytes of events that make a block.
 pub const BLOCK_TARGET: usize = 1 << 20;
@@ -108,8 +110,10 @@ impl Recorder {
         self.events
     }
 
-    /// Appends an event. Returns whether it defined a new stack (whose
-    /// process the caller should snapshot for symbols now).
+    /// Appends an event. Returns whether it defined a new stack (of an
+    /// allocation, a sampled fault, an address-space syscall or a kernel
+    /// allocation: see [`stack_of`]), whose process the caller should
+    /// snapshot for symbols now.
     pub fn record(&mut self, event: &Event) -> bool {
         if self.file.is_none() {
             return false;
@@ -120,15 +124,15 @@ impl Recorder {
         }
         let mut stack = 0;
         let mut new = false;
-        if let Event::Alloc(a) = event {
-            stack = match self.stack_ids.get(&(a.pid, a.stack.as_slice().into())) {
+        if let Some(frames) = stack_of(event) {
+            let key: (u32, Box<[u64]>) = (pid, frames.into());
+            stack = match self.stack_ids.get(&key) {
                 Some(&id) => id,
                 None => {
                     let id = self.stack_ids.len() as u32;
-                    let frames: Box<[u64]> = a.stack.as_slice().into();
-                    self.enc.stack(a.pid, &frames);
-                    self.pending_stacks.push((a.pid, frames.clone()));
-                    self.stack_ids.insert((a.pid, frames), id);
+                    self.enc.stack(pid, frames);
+                    self.pending_stacks.push(key.clone());
+                    self.stack_ids.insert(key, id);
                     new = true;
                     id
                 }
@@ -157,10 +161,12 @@ impl Recorder {
         let mut by_pid: HashMap<u32, Vec<(u64, Vec<RecFrame>)>> = HashMap::new();
         for (pid, frames) in std::mem::take(&mut self.pending_stacks) {
             for &addr in frames.iter() {
-                if self.symbolized.insert((pid, addr)) {
+                // A kernel address means the same in every process.
+                let owner = if is_kernel(addr) { KERNEL_PID } else { pid };
+                if self.symbolized.insert((owner, addr)) {
                     let resolved = sym.frames(pid, &[addr]);
                     by_pid
-                        .entry(pid)
+                        .entry(owner)
                         .or_default()
                         .push((addr, resolved.iter().map(RecFrame::from).collect()));
                 }

@@ -12,6 +12,7 @@ pub mod folded;
 pub mod hlog;
 pub mod html;
 pub mod json;
+pub mod memory;
 pub mod pprof;
 pub mod svg;
 pub mod text;
@@ -42,12 +43,16 @@ pub enum View {
     Histograms,
     /// Live bytes over time, per process.
     Timeline,
+    /// Allocated heap next to resident, mapped and kernel memory, and what
+    /// explains the difference.
+    Memory,
 }
 
 impl View {
     /// Every view, in the order the HTML report shows them.
-    pub const ALL: [View; 5] = [
+    pub const ALL: [View; 6] = [
         View::Leaks,
+        View::Memory,
         View::Peak,
         View::Temporary,
         View::Histograms,
@@ -62,6 +67,7 @@ impl View {
             View::Temporary => "temporary",
             View::Histograms => "histograms",
             View::Timeline => "timeline",
+            View::Memory => "memory",
         }
     }
 }
@@ -174,7 +180,7 @@ pub struct Options {
 }
 
 impl Options {
-    fn seconds(&self, ts_ns: u64) -> f64 {
+    pub(crate) fn seconds(&self, ts_ns: u64) -> f64 {
         ts_ns.saturating_sub(self.start_ns) as f64 / 1e9
     }
 
@@ -281,6 +287,12 @@ pub struct ProcessReport {
     /// Live bytes over time (view `timeline`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeline: Option<TimelineReport>,
+    /// Resident memory (RSS) by type, when the kernel reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resident: Option<memory::ResidentSummary>,
+    /// Allocated versus resident, mapped and kernel memory (view `memory`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<memory::MemoryReport>,
 }
 
 /// A process's high-water mark of live bytes and its breakdown at that
@@ -439,6 +451,12 @@ pub struct TimelinePoint {
     pub max_bytes: u64,
     /// Live bytes at its end.
     pub end_bytes: u64,
+    /// Most resident bytes (RSS) within the point, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resident_max_bytes: Option<u64>,
+    /// Resident bytes at its end, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resident_end_bytes: Option<u64>,
 }
 
 /// Allocation sizes, in bytes: exact `min` and `max`; percentiles from an
@@ -516,7 +534,7 @@ pub fn build(
 ) -> Report {
     let mut processes: Vec<ProcessReport> = agg
         .processes()
-        .map(|p| process_report(p, sym, opts))
+        .map(|p| process_report(p, sym, opts, agg.config().fault_sample))
         .collect();
     processes.sort_by(|a, b| {
         (b.live_bytes, b.total_bytes, a.pid).cmp(&(a.live_bytes, a.total_bytes, b.pid))
@@ -539,7 +557,12 @@ pub fn build(
     }
 }
 
-fn process_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> ProcessReport {
+fn process_report(
+    p: &Process,
+    sym: &mut dyn Symbolize,
+    opts: &Options,
+    fault_sample: u32,
+) -> ProcessReport {
     let older = opts.live_before_ns.map(|cutoff| p.live_older_than(cutoff));
     let mut rows: Vec<(StackId, Stats)> = p
         .stacks()
@@ -582,20 +605,33 @@ fn process_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> Proce
     let histograms = opts
         .wants(View::Histograms)
         .then(|| histograms_report(p, sym, opts));
-    let timeline = opts.wants(View::Timeline).then(|| TimelineReport {
-        step_s: p.timeline.step_ns as f64 / 1e9,
-        points: p
-            .timeline
-            .points
-            .iter()
-            .enumerate()
-            .map(|(i, &(max_bytes, end_bytes))| TimelinePoint {
-                t_s: opts.seconds(p.timeline.start_ns + i as u64 * p.timeline.step_ns),
-                max_bytes,
-                end_bytes,
-            })
-            .collect(),
+    let timeline = opts.wants(View::Timeline).then(|| {
+        let resident = p.timeline.resident_points();
+        // The resident series starts with the first RSS record.
+        let offset = p.timeline.points.len().saturating_sub(resident.len());
+        TimelineReport {
+            step_s: p.timeline.step_ns as f64 / 1e9,
+            points: p
+                .timeline
+                .points
+                .iter()
+                .enumerate()
+                .map(|(i, &(max_bytes, end_bytes))| {
+                    let rss = i.checked_sub(offset).and_then(|j| resident.get(j));
+                    TimelinePoint {
+                        t_s: opts.seconds(p.timeline.start_ns + i as u64 * p.timeline.step_ns),
+                        max_bytes,
+                        end_bytes,
+                        resident_max_bytes: rss.map(|r| r.0),
+                        resident_end_bytes: rss.map(|r| r.1),
+                    }
+                })
+                .collect(),
+        }
     });
+    let memory = opts
+        .wants(View::Memory)
+        .then(|| memory::build(p, sym, opts, fault_sample));
     ProcessReport {
         pid: p.pid,
         comm: sym.comm(p.pid),
@@ -617,11 +653,13 @@ fn process_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> Proce
         temporary,
         histograms,
         timeline,
+        resident: memory::ResidentSummary::of(p),
+        memory,
     }
 }
 
 /// How many of `n` rows `--top` shows.
-fn top(opts: &Options, n: usize) -> usize {
+pub(crate) fn top(opts: &Options, n: usize) -> usize {
     if opts.top == 0 { n } else { opts.top.min(n) }
 }
 

@@ -22,13 +22,17 @@ use std::io::{self, Write};
 
 use super::{
     Distribution, HistogramsReport, PeakReport, ProcessReport, Report, TemporaryReport,
-    TimelineReport, View,
+    TimelineReport, View, memory,
 };
 use crate::symbolize::Frame;
 
 /// Writes `view` of the report as text.
 pub fn render(r: &Report, view: View, out: &mut dyn Write) -> io::Result<()> {
-    let shown: Vec<&ProcessReport> = r.processes.iter().filter(|p| p.total_count > 0).collect();
+    let shown: Vec<&ProcessReport> = r
+        .processes
+        .iter()
+        .filter(|p| p.total_count > 0 || p.resident.is_some())
+        .collect();
     writeln!(
         out,
         "memtrace: {} tracing for {:.2} s; {} process{} allocated, {} traced calls",
@@ -76,6 +80,11 @@ pub fn render(r: &Report, view: View, out: &mut dyn Write) -> io::Result<()> {
                     timeline(t, p.peak.as_ref(), out)?;
                 }
             }
+            View::Memory => {
+                if let Some(m) = &p.memory {
+                    memory::render(m, out)?;
+                }
+            }
         }
     }
     let quiet = r.processes.len() - shown.len();
@@ -100,6 +109,14 @@ pub fn render(r: &Report, view: View, out: &mut dyn Write) -> io::Result<()> {
 }
 
 fn process_header(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
+    process_line(p, out)?;
+    if let Some(r) = &p.resident {
+        memory::render_summary(r, out)?;
+    }
+    Ok(())
+}
+
+fn process_line(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
         "PID {} ({}){}: {} B live in {} blocks [{}]; {} B allocated in {} blocks; {} B freed in {}",
@@ -739,6 +756,8 @@ pub(crate) mod tests {
                 t_s: i as f64 * 0.001,
                 max_bytes: if i == 333 { 10_000 } else { 1_000 },
                 end_bytes: 1_000,
+                resident_max_bytes: None,
+                resident_end_bytes: None,
             })
             .collect();
         let t = TimelineReport {

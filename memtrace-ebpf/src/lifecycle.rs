@@ -1,0 +1,80 @@
+//! Process lifecycle: exit (`sched_process_exit`, a raw tracepoint), exec
+//! (`sched:sched_process_exec`) and the OOM killer's choice
+//! (`oom:mark_victim`).
+
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use memtrace_common::{Header, OomRecord, RecordKind};
+
+use crate::vm::RSS_LAST;
+use crate::{INFLIGHT, TRACED, header, self_tgid, submit, traced};
+
+/// A thread exited. Its calls in flight are dropped: a thread killed inside
+/// an allocator never returns through the probes, and a later thread that
+/// reuses its id must not inherit them (they would make its own calls look
+/// nested, and silence them). When the last thread of a process exits
+/// (`group_dead`), its accounting closes.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn process_exit(ctx: RawTracePointContext) -> u32 {
+    // TP_PROTO(struct task_struct *p, bool group_dead); `p` is current.
+    let group_dead: u64 = ctx.arg(1);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    // A call that never returned allocated nothing anyone will see: this is
+    // cleanup, not a loss. Removing a missing key is a cheap failure.
+    let _ = INFLIGHT.remove(&tid);
+    let tgid = (pid_tgid >> 32) as u32;
+    if group_dead & 0xff == 0 || tgid == self_tgid() {
+        return 0;
+    }
+    // A later process with this pid is not the one asked for.
+    let _ = RSS_LAST.remove(&tgid);
+    let _ = TRACED.remove(&tgid);
+    submit::<Header>(|h| *h = header(RecordKind::Exit, pid_tgid));
+    0
+}
+
+/// `sched:sched_process_exec`: the process now runs a new program in a new
+/// address space; its RSS counters start again from that address space's.
+#[tracepoint]
+pub fn process_exec(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !traced(tgid) {
+        return 0;
+    }
+    let _ = RSS_LAST.remove(&tgid);
+    submit::<Header>(|h| *h = header(RecordKind::Exec, pid_tgid));
+    0
+}
+
+/// `oom:mark_victim`: pid 8, total_vm 16, anon_rss 24, file_rss 32,
+/// shmem_rss 40, pgtables 56 (all KiB), oom_score_adj 64.
+#[tracepoint]
+pub fn oom_victim(ctx: TracePointContext) -> u32 {
+    // SAFETY (all reads): offsets within the record, checked at load.
+    let pid: i32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
+    let victim = pid as u32;
+    if !traced(victim) {
+        return 0;
+    }
+    let f = |off: usize| -> u64 { unsafe { ctx.read_at::<u64>(off) }.unwrap_or(0) };
+    let adj: i16 = unsafe { ctx.read_at(64) }.unwrap_or(0);
+    // The victim is not the current task: the header names the victim.
+    let pid_tgid = ((victim as u64) << 32) | victim as u64;
+    submit::<OomRecord>(|r| {
+        *r = OomRecord {
+            header: header(RecordKind::Oom, pid_tgid),
+            total_vm_kib: f(16),
+            anon_rss_kib: f(24),
+            file_rss_kib: f(32),
+            shmem_rss_kib: f(40),
+            pgtables_kib: f(56),
+            oom_score_adj: adj as i64,
+        }
+    });
+    0
+}

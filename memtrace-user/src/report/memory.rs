@@ -1,0 +1,465 @@
+//! The `memory` view: allocated heap next to what the kernel holds for the
+//! process (resident by type, mapped, kernel), and the lines that explain
+//! the gap. Built from [`crate::mem`]; rendered as text here, as JSON by
+//! serde, and in the HTML page.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+use crate::agg::{Process, Stats};
+use crate::mem::{Backing, Explanation, KernelStack};
+use crate::report::text::{group, human};
+use crate::report::{Options, top};
+use crate::symbolize::{Frame, Symbolize};
+
+/// Resident memory of a process, always reported when known.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ResidentSummary {
+    /// Resident bytes: file + anon + shmem (VmRSS).
+    pub resident_bytes: u64,
+    /// Anonymous (RssAnon).
+    pub anon_bytes: u64,
+    /// File-backed (RssFile).
+    pub file_bytes: u64,
+    /// Shared memory (RssShmem).
+    pub shmem_bytes: u64,
+    /// Swapped out (VmSwap).
+    pub swap_bytes: u64,
+    /// Highest resident total seen.
+    pub peak_resident_bytes: u64,
+}
+
+impl ResidentSummary {
+    /// The summary of a process, if the kernel side reported its RSS.
+    pub fn of(p: &Process) -> Option<Self> {
+        use memtrace_common::RssMember::*;
+        let m = &p.mem;
+        m.has_rss().then(|| ResidentSummary {
+            resident_bytes: m.resident(),
+            anon_bytes: m.rss_of(Anon),
+            file_bytes: m.rss_of(File),
+            shmem_bytes: m.rss_of(Shmem),
+            swap_bytes: m.rss_of(Swap),
+            peak_resident_bytes: m.peak_rss.0,
+        })
+    }
+}
+
+/// The `memory` view of one process.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryReport {
+    /// The figures and the lines of the explanation, bytes.
+    pub explained: Explanation,
+    /// Seconds from the trace's start to the highest resident total.
+    pub peak_resident_at_s: f64,
+    /// Faults that made memory resident, as memtrace saw them.
+    pub faults: FaultSummary,
+    /// The code that made memory resident (sampled faults), most bytes
+    /// first.
+    pub fault_stacks: Vec<FaultStackReport>,
+    /// Mappings made while traced with the most resident bytes.
+    pub mappings: Vec<MappingReport>,
+    /// Mapped bytes by the code that mapped them, most live first.
+    pub map_stacks: Vec<MapStackReport>,
+    /// Kernel memory charged to the process (with `--kernel`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelReport>,
+    /// `munmap`/`mremap` of ranges not seen mapped (mapped before tracing).
+    pub unknown_unmaps: u64,
+    /// Bytes given back with `MADV_FREE`, resident until reclaimed.
+    pub lazily_freed_bytes: u64,
+    /// execve calls while traced (each starts the address space over).
+    pub execs: u32,
+    /// The OOM killer's verdict, if it chose this process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oom: Option<OomReport>,
+}
+
+/// Faults seen.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct FaultSummary {
+    /// Faults that made memory resident.
+    pub count: u64,
+    /// Bytes they made resident.
+    pub bytes: u64,
+    /// RSS growth with no fault address (pages populated or copied in).
+    pub unplaced_bytes: u64,
+    /// One fault in this many was sampled for its stack.
+    pub sample_every: u32,
+}
+
+/// Sampled faults of one stack.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultStackReport {
+    /// Sampled faults.
+    pub sampled_faults: u64,
+    /// Bytes those made resident.
+    pub sampled_bytes: u64,
+    /// Estimated bytes this code made resident (sampled × rate).
+    pub estimated_bytes: u64,
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// One mapping.
+#[derive(Clone, Debug, Serialize)]
+pub struct MappingReport {
+    /// Start address, hex.
+    pub start: String,
+    /// Bytes mapped.
+    pub bytes: u64,
+    /// What backs it.
+    pub backing: Backing,
+    /// Mapped by the allocator.
+    pub by_allocator: bool,
+    /// Bytes made resident by faults memtrace saw.
+    pub resident_bytes: u64,
+    /// The code that mapped it.
+    pub frames: Vec<Frame>,
+}
+
+/// Mapped bytes of one stack.
+#[derive(Clone, Debug, Serialize)]
+pub struct MapStackReport {
+    /// Bytes still mapped.
+    pub live_bytes: u64,
+    /// Mappings still mapped.
+    pub live_count: u64,
+    /// Bytes ever mapped.
+    pub total_bytes: u64,
+    /// Mappings ever made.
+    pub total_count: u64,
+    /// Mapped from inside the allocator.
+    pub by_allocator: bool,
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// Kernel memory of one process.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelReport {
+    /// Slab objects (kmalloc, kmem_cache), bytes set aside.
+    pub slab: KernelBytes,
+    /// Non-movable pages.
+    pub pages: KernelBytes,
+    /// Per-CPU chunks.
+    pub percpu: KernelBytes,
+    /// Frees of kernel allocations memtrace had not seen.
+    pub unknown_frees: u64,
+    /// By kernel stack, most live bytes first.
+    pub stacks: Vec<KernelStackReport>,
+    /// Stacks not shown because of `--top`.
+    pub stacks_omitted: usize,
+}
+
+/// Live and total kernel bytes.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct KernelBytes {
+    /// Bytes allocated and not freed.
+    pub live_bytes: u64,
+    /// Allocations not freed.
+    pub live_count: u64,
+    /// Bytes allocated while traced.
+    pub total_bytes: u64,
+    /// Allocations while traced.
+    pub total_count: u64,
+}
+
+impl From<Stats> for KernelBytes {
+    fn from(s: Stats) -> Self {
+        Self {
+            live_bytes: s.live_bytes,
+            live_count: s.live_count,
+            total_bytes: s.total_bytes,
+            total_count: s.total_count,
+        }
+    }
+}
+
+/// Kernel memory of one kernel stack.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelStackReport {
+    /// `kmalloc`, `kmem_cache`, `pages` or `percpu`.
+    pub allocator: &'static str,
+    /// Bytes and counts.
+    #[serde(flatten)]
+    pub bytes: KernelBytes,
+    /// Kernel frames, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// What the kernel said when the OOM killer chose the process.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct OomReport {
+    /// Seconds from the trace's start.
+    pub at_s: f64,
+    /// Resident anonymous bytes then.
+    pub anon_rss_bytes: u64,
+    /// Resident file bytes then.
+    pub file_rss_bytes: u64,
+    /// Resident shared-memory bytes then.
+    pub shmem_rss_bytes: u64,
+    /// Page tables, bytes.
+    pub pgtables_bytes: u64,
+    /// Virtual size, bytes.
+    pub total_vm_bytes: u64,
+    /// The process's `oom_score_adj`.
+    pub oom_score_adj: i64,
+}
+
+fn kernel_name(s: &KernelStack) -> &'static str {
+    use memtrace_common::KmemOp::*;
+    match s.op {
+        Kmalloc => "kmalloc",
+        CacheAlloc => "kmem_cache",
+        Pages => "pages",
+        Percpu => "percpu",
+        Free => "free",
+    }
+}
+
+/// Builds the `memory` view of `p`; `sample_every` is the fault sampling
+/// rate of the trace.
+pub fn build(
+    p: &Process,
+    sym: &mut dyn Symbolize,
+    opts: &Options,
+    sample_every: u32,
+) -> MemoryReport {
+    let m = &p.mem;
+    let rate = sample_every.max(1) as u64;
+    let mut faults: Vec<usize> = (0..m.fault_stacks.len()).collect();
+    faults.sort_by_key(|&i| (std::cmp::Reverse(m.fault_stacks[i].bytes), i));
+    faults.truncate(top(opts, faults.len()));
+    let mut maps: Vec<usize> = (0..m.map_stacks.len()).collect();
+    let mkey = |i: usize| {
+        let s = m.map_stacks[i].stats;
+        (s.live_bytes, s.total_bytes)
+    };
+    maps.sort_by(|&a, &b| (mkey(b), a).cmp(&(mkey(a), b)));
+    maps.truncate(top(opts, maps.len()));
+    let kernel = (!m.kernel_stacks.is_empty() || m.kernel_unknown_frees > 0).then(|| {
+        let mut rows: Vec<usize> = (0..m.kernel_stacks.len()).collect();
+        let kkey = |i: usize| {
+            let s = m.kernel_stacks[i].stats;
+            (s.live_bytes, s.total_bytes)
+        };
+        rows.sort_by(|&a, &b| (kkey(b), a).cmp(&(kkey(a), b)));
+        let shown = top(opts, rows.len());
+        KernelReport {
+            slab: m.kernel.slab.into(),
+            pages: m.kernel.pages.into(),
+            percpu: m.kernel.percpu.into(),
+            unknown_frees: m.kernel_unknown_frees,
+            stacks: rows[..shown]
+                .iter()
+                .map(|&i| {
+                    let s = &m.kernel_stacks[i];
+                    KernelStackReport {
+                        allocator: kernel_name(s),
+                        bytes: s.stats.into(),
+                        frames: sym.frames(p.pid, &s.frames),
+                    }
+                })
+                .collect(),
+            stacks_omitted: rows.len() - shown,
+        }
+    });
+    MemoryReport {
+        explained: p.explain(),
+        peak_resident_at_s: opts.seconds(m.peak_rss.1),
+        faults: FaultSummary {
+            count: m.faults,
+            bytes: m.fault_bytes,
+            unplaced_bytes: m.unplaced_bytes,
+            sample_every: sample_every.max(1),
+        },
+        fault_stacks: faults
+            .into_iter()
+            .map(|i| {
+                let s = &m.fault_stacks[i];
+                FaultStackReport {
+                    sampled_faults: s.faults,
+                    sampled_bytes: s.bytes,
+                    estimated_bytes: s.bytes * rate,
+                    frames: sym.frames(p.pid, &s.frames),
+                }
+            })
+            .collect(),
+        mappings: m
+            .top_mappings(top(opts, m.regions.len() + 1))
+            .into_iter()
+            .map(|r| MappingReport {
+                start: format!("{:#x}", r.start),
+                bytes: r.len,
+                backing: r.backing,
+                by_allocator: r.by_allocator,
+                resident_bytes: r.resident,
+                frames: r
+                    .stack
+                    .map(|s| sym.frames(p.pid, &m.map_stacks[s as usize].frames))
+                    .unwrap_or_default(),
+            })
+            .collect(),
+        map_stacks: maps
+            .into_iter()
+            .map(|i| {
+                let s = &m.map_stacks[i];
+                MapStackReport {
+                    live_bytes: s.stats.live_bytes,
+                    live_count: s.stats.live_count,
+                    total_bytes: s.stats.total_bytes,
+                    total_count: s.stats.total_count,
+                    by_allocator: s.by_allocator,
+                    frames: sym.frames(p.pid, &s.frames),
+                }
+            })
+            .collect(),
+        kernel,
+        unknown_unmaps: m.unknown_unmaps,
+        lazily_freed_bytes: m.lazily_freed,
+        execs: m.execs,
+        oom: m.oom.map(|o| OomReport {
+            at_s: opts.seconds(o.ts_ns),
+            anon_rss_bytes: o.anon_rss,
+            file_rss_bytes: o.file_rss,
+            shmem_rss_bytes: o.shmem_rss,
+            pgtables_bytes: o.pgtables,
+            total_vm_bytes: o.total_vm,
+            oom_score_adj: o.oom_score_adj,
+        }),
+    }
+}
+
+fn frame_line(frames: &[Frame]) -> String {
+    let names: Vec<String> = frames.iter().take(6).map(Frame::label).collect();
+    if names.is_empty() {
+        "(no stack)".into()
+    } else {
+        names.join(" < ")
+    }
+}
+
+fn line(out: &mut dyn Write, label: &str, bytes: u64, why: &str) -> io::Result<()> {
+    writeln!(
+        out,
+        "    {label:<34} {:>17} B {:>10}  {why}",
+        group(bytes),
+        human(bytes)
+    )
+}
+
+/// The one-line resident summary under a process header.
+pub fn render_summary(r: &ResidentSummary, out: &mut dyn Write) -> io::Result<()> {
+    writeln!(
+        out,
+        "  resident: {} [anon {}, file {}, shmem {}, swap {}; peak {}]",
+        human(r.resident_bytes),
+        human(r.anon_bytes),
+        human(r.file_bytes),
+        human(r.shmem_bytes),
+        human(r.swap_bytes),
+        human(r.peak_resident_bytes),
+    )
+}
+
+/// The `memory` view of one process as text.
+pub fn render(m: &MemoryReport, out: &mut dyn Write) -> io::Result<()> {
+    let e = &m.explained;
+    writeln!(out, "  memory: allocated {} vs resident {}", human(e.allocated), human(e.resident))?;
+    line(out, "allocated (heap, live)", e.allocated, "what the program asked malloc & co for and still holds")?;
+    line(out, "  of which resident", e.allocated_resident, "on pages the program touched")?;
+    line(out, "  of which never touched", e.allocated_untouched, "no fault on those pages: allocated, not resident (calloc, zeros)")?;
+    line(out, "resident (RSS)", e.resident, "what the kernel holds in RAM")?;
+    line(out, "  anon", e.resident_anon, "")?;
+    line(out, "    allocator: retained, not allocated", e.retained_by_allocator, "freed but kept by the allocator, and slack")?;
+    line(out, "    other anonymous mappings", e.other_anon, "thread stacks, the program's own mmaps")?;
+    line(out, "    no fault seen", e.anon_unattributed, "resident before tracing, copied by fork, or populated")?;
+    line(out, "  file", e.resident_file, "code, libraries and mapped files")?;
+    line(out, "  shmem", e.resident_shmem, "")?;
+    line(out, "swap", e.swap, "")?;
+    line(out, "mapped (mmap/mremap while traced)", e.mapped, "")?;
+    line(out, "  by the allocator", e.mapped_by_allocator, "")?;
+    if let Some(k) = &m.kernel {
+        line(out, "kernel (not in RSS)", e.kernel, "slab objects, pages and per-CPU memory charged to it")?;
+        writeln!(
+            out,
+            "      slab {} live of {} allocated; pages {} of {}; per-CPU {} of {}; {} frees of unseen allocations",
+            human(k.slab.live_bytes),
+            human(k.slab.total_bytes),
+            human(k.pages.live_bytes),
+            human(k.pages.total_bytes),
+            human(k.percpu.live_bytes),
+            human(k.percpu.total_bytes),
+            group(k.unknown_frees)
+        )?;
+    }
+    let f = &m.faults;
+    writeln!(
+        out,
+        "  faults: {} made {} resident ({} more with no fault); 1 in {} sampled for its stack",
+        group(f.count),
+        human(f.bytes),
+        human(f.unplaced_bytes),
+        f.sample_every
+    )?;
+    if !m.fault_stacks.is_empty() {
+        writeln!(out, "  made resident by (estimated from samples):")?;
+        for s in &m.fault_stacks {
+            writeln!(out, "    {:>10}  {}", human(s.estimated_bytes), frame_line(&s.frames))?;
+        }
+    }
+    let mapped: Vec<&MappingReport> = m.mappings.iter().filter(|r| r.resident_bytes > 0).collect();
+    if !mapped.is_empty() {
+        writeln!(out, "  mappings with the most resident bytes:")?;
+        for r in mapped {
+            writeln!(
+                out,
+                "    {} {:>10} mapped, {:>10} resident, {:?}{}  {}",
+                r.start,
+                human(r.bytes),
+                human(r.resident_bytes),
+                r.backing,
+                if r.by_allocator { " (allocator)" } else { "" },
+                frame_line(&r.frames)
+            )?;
+        }
+    }
+    if let Some(k) = &m.kernel
+        && !k.stacks.is_empty()
+    {
+        writeln!(out, "  kernel memory by kernel stack:")?;
+        for s in &k.stacks {
+            writeln!(
+                out,
+                "    {:>10} live, {:>10} total  {:<10} {}",
+                human(s.bytes.live_bytes),
+                human(s.bytes.total_bytes),
+                s.allocator,
+                frame_line(&s.frames)
+            )?;
+        }
+    }
+    if let Some(o) = &m.oom {
+        writeln!(
+            out,
+            "  OOM-killed at {:.3} s: anon-rss {}, file-rss {}, shmem-rss {}, page tables {}",
+            o.at_s,
+            human(o.anon_rss_bytes),
+            human(o.file_rss_bytes),
+            human(o.shmem_rss_bytes),
+            human(o.pgtables_bytes)
+        )?;
+    }
+    if m.unknown_unmaps > 0 || m.lazily_freed_bytes > 0 || m.execs > 0 {
+        writeln!(
+            out,
+            "  {} unmaps of ranges mapped before tracing; {} given back with MADV_FREE; {} execs",
+            group(m.unknown_unmaps),
+            human(m.lazily_freed_bytes),
+            m.execs
+        )?;
+    }
+    Ok(())
+}
