@@ -137,7 +137,11 @@ pub(crate) fn capture<C: EbpfContext>(
 /// a full ring buffer.
 #[inline(always)]
 pub(crate) fn output<T>(rec: &T, len: usize) {
-    let len = if len > size_of::<T>() { size_of::<T>() } else { len };
+    let len = if len > size_of::<T>() {
+        size_of::<T>()
+    } else {
+        len
+    };
     // SAFETY: `len` never exceeds the record's size.
     let data = unsafe { core::slice::from_raw_parts((rec as *const T).cast::<u8>(), len) };
     if EVENTS.output::<[u8]>(data, 0).is_err() {

@@ -199,9 +199,9 @@ pub struct Timeline {
     /// Per point: highest live bytes within it, and live bytes at its end.
     /// A point with no event repeats the previous end.
     pub points: Vec<(u64, u64)>,
-    /// Per point, the same for resident bytes (file + anon + shmem), when
-    /// the kernel side reported any; as long as `points`.
-    pub resident: Vec<(u64, u64)>,
+    /// Per point, the same for resident bytes (file + anon + shmem); `None`
+    /// before the kernel side first reported them.
+    pub resident: Vec<Option<(u64, u64)>>,
 }
 
 /// Most points kept per process timeline.
@@ -232,10 +232,10 @@ impl Timeline {
         let p = &mut self.points[index];
         p.0 = p.0.max(live);
         p.1 = live;
+        let last = self.resident.last().copied().flatten().map(|p| (p.1, p.1));
+        self.resident.resize(index + 1, last);
         if let Some(rss) = resident {
-            let last = self.resident.last().map_or(0, |p| p.1);
-            self.resident.resize(index + 1, (last, last));
-            let p = &mut self.resident[index];
+            let p = self.resident[index].get_or_insert((rss, rss));
             p.0 = p.0.max(rss);
             p.1 = rss;
         }
@@ -250,18 +250,15 @@ impl Timeline {
                 .collect()
         };
         self.points = merge(&self.points);
-        self.resident = merge(&self.resident);
-    }
-
-    /// The resident series padded to the length of `points` (a process
-    /// whose RSS stopped changing keeps its last value).
-    pub fn resident_points(&self) -> Vec<(u64, u64)> {
-        let mut out = self.resident.clone();
-        if !out.is_empty() {
-            let last = out[out.len() - 1].1;
-            out.resize(self.points.len().max(out.len()), (last, last));
-        }
-        out
+        self.resident = self
+            .resident
+            .chunks(2)
+            .map(|c| {
+                let known = c.iter().flatten();
+                let max = known.clone().map(|p| p.0).max()?;
+                Some((max, known.last()?.1))
+            })
+            .collect();
     }
 }
 
@@ -410,7 +407,8 @@ impl Process {
     fn tick(&mut self, ts_ns: u64) {
         self.last_ts_ns = self.last_ts_ns.max(ts_ns);
         let resident = self.mem.has_rss().then(|| self.mem.resident());
-        self.timeline.record(ts_ns, self.totals.live_bytes, resident);
+        self.timeline
+            .record(ts_ns, self.totals.live_bytes, resident);
     }
 
     /// Every live block counted: (address, bytes).

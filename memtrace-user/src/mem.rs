@@ -20,9 +20,7 @@ use memtrace_common::{KmemOp, RssMember};
 use rangemap::RangeSet;
 
 use crate::agg::Stats;
-use crate::event::{
-    Kmem, MADV_DONTNEED, MADV_DONTNEED_LOCKED, MADV_REMOVE, Oom, Rss, Vm, VmCall,
-};
+use crate::event::{Kmem, MADV_DONTNEED, MADV_DONTNEED_LOCKED, MADV_REMOVE, Oom, Rss, Vm, VmCall};
 
 /// Largest unit a single fault makes resident (a PMD-sized huge page).
 const MAX_FAULT_UNIT: u64 = 2 << 20;
@@ -450,7 +448,10 @@ impl Memory {
                 stats: Stats::default(),
             },
         );
-        if let Some((bytes, stack)) = self.kernel_live.insert((k.space, k.addr), (k.bytes_alloc, id)) {
+        if let Some((bytes, stack)) = self
+            .kernel_live
+            .insert((k.space, k.addr), (k.bytes_alloc, id))
+        {
             // Its free was not seen: take the old one out first.
             self.kernel.of(k.space).free(bytes);
             self.kernel_stacks[stack as usize].stats.free(bytes);
@@ -504,7 +505,8 @@ impl Memory {
                     len: r.end - s,
                     backing: r.backing,
                     by_allocator: r.by_allocator,
-                    resident: covered(&self.resident, &range) + covered(&self.resident_file, &range),
+                    resident: covered(&self.resident, &range)
+                        + covered(&self.resident_file, &range),
                     stack: r.stack,
                 }
             })
@@ -681,7 +683,12 @@ mod tests {
         let mut anon = 0;
         for i in 0..6 {
             anon += PAGE;
-            m.on_rss(&rss(RssMember::Anon, anon, PAGE as i64, Some(base + 16 + i * PAGE)));
+            m.on_rss(&rss(
+                RssMember::Anon,
+                anon,
+                PAGE as i64,
+                Some(base + 16 + i * PAGE),
+            ));
         }
         let e = explain(&m, [block].into_iter(), block.1);
         // Page 0 holds the chunk header and 4080 bytes of the block; pages
@@ -700,7 +707,13 @@ mod tests {
     fn freed_heap_is_retained() {
         let mut m = Memory::default();
         let start = 0x55_0000_0000;
-        m.on_vm(&vm(VmCall::Brk { requested: 0, brk: start }, false));
+        m.on_vm(&vm(
+            VmCall::Brk {
+                requested: 0,
+                brk: start,
+            },
+            false,
+        ));
         m.on_vm(&vm(
             VmCall::Brk {
                 requested: start + 100 * PAGE,
@@ -709,7 +722,12 @@ mod tests {
             true,
         ));
         for i in 0..100 {
-            m.on_rss(&rss(RssMember::Anon, (i + 1) * PAGE, PAGE as i64, Some(start + i * PAGE)));
+            m.on_rss(&rss(
+                RssMember::Anon,
+                (i + 1) * PAGE,
+                PAGE as i64,
+                Some(start + i * PAGE),
+            ));
         }
         let last = (start + 99 * PAGE + 100, 1000);
         let e = explain(&m, [last].into_iter(), 1000);
@@ -735,7 +753,12 @@ mod tests {
         let base = 0x7f00_0000_0000;
         m.on_vm(&mmap(base, 10 * PAGE, false));
         for i in 0..10 {
-            m.on_rss(&rss(RssMember::Anon, (i + 1) * PAGE, PAGE as i64, Some(base + i * PAGE)));
+            m.on_rss(&rss(
+                RssMember::Anon,
+                (i + 1) * PAGE,
+                PAGE as i64,
+                Some(base + i * PAGE),
+            ));
         }
         m.on_vm(&vm(
             VmCall::Munmap {
@@ -779,7 +802,10 @@ mod tests {
         ));
         let rows = m.top_mappings(5);
         assert_eq!(rows.len(), 1);
-        assert_eq!((rows[0].start, rows[0].len, rows[0].resident), (b, 8 * PAGE, 2 * PAGE));
+        assert_eq!(
+            (rows[0].start, rows[0].len, rows[0].resident),
+            (b, 8 * PAGE, 2 * PAGE)
+        );
     }
 
     #[test]
@@ -792,7 +818,10 @@ mod tests {
         // Resident before tracing: counted, not placed.
         m.on_rss(&rss(RssMember::Anon, 3 << 20, 1 << 20, None));
         assert_eq!(m.unplaced_bytes, 1 << 20);
-        assert_eq!(explain(&m, std::iter::empty(), 0).anon_unattributed, 1 << 20);
+        assert_eq!(
+            explain(&m, std::iter::empty(), 0).anon_unattributed,
+            1 << 20
+        );
     }
 
     #[test]
@@ -806,11 +835,25 @@ mod tests {
             addr,
             bytes_req: bytes,
             bytes_alloc: bytes,
-            stack: if op == KmemOp::Free { vec![] } else { vec![0xffff_ffff_8100_0000] },
+            stack: if op == KmemOp::Free {
+                vec![]
+            } else {
+                vec![0xffff_ffff_8100_0000]
+            },
         };
         m.on_kmem(&k(KmemOp::Pages, KmemOp::Pages, 77, 4096));
-        m.on_kmem(&k(KmemOp::Kmalloc, KmemOp::Kmalloc, 0xffff_8880_0000_1000, 192));
-        m.on_kmem(&k(KmemOp::CacheAlloc, KmemOp::Kmalloc, 0xffff_8880_0000_2000, 256));
+        m.on_kmem(&k(
+            KmemOp::Kmalloc,
+            KmemOp::Kmalloc,
+            0xffff_8880_0000_1000,
+            192,
+        ));
+        m.on_kmem(&k(
+            KmemOp::CacheAlloc,
+            KmemOp::Kmalloc,
+            0xffff_8880_0000_2000,
+            256,
+        ));
         m.on_kmem(&k(KmemOp::Free, KmemOp::Kmalloc, 0xffff_8880_0000_1000, 0));
         m.on_kmem(&k(KmemOp::Free, KmemOp::Pages, 78, 0));
         assert_eq!(m.kernel.pages.live_bytes, 4096);
@@ -825,7 +868,12 @@ mod tests {
     fn exec_starts_the_address_space_over() {
         let mut m = Memory::default();
         m.on_vm(&mmap(0x7f00_0000_0000, PAGE, false));
-        m.on_rss(&rss(RssMember::Anon, PAGE, PAGE as i64, Some(0x7f00_0000_0000)));
+        m.on_rss(&rss(
+            RssMember::Anon,
+            PAGE,
+            PAGE as i64,
+            Some(0x7f00_0000_0000),
+        ));
         m.on_exec();
         assert!(m.regions.is_empty());
         assert!(!m.has_rss());

@@ -69,8 +69,10 @@ impl State {
                 self.symbols.observe(ev.pid(), stack);
             }
         }
-        if let Event::Oom(o) = ev {
-            self.oom_victims.push(o.pid);
+        match ev {
+            Event::Oom(o) => self.oom_victims.push(o.pid),
+            Event::Exec { pid, .. } => self.symbols.exec(*pid),
+            _ => {}
         }
     }
 
@@ -269,7 +271,11 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
             kernel_allocations: target_args.kernel,
         },
     )?;
-    for pid in target_args.pids.iter().chain(child.as_ref().map(|c| &c.pid)) {
+    for pid in target_args
+        .pids
+        .iter()
+        .chain(child.as_ref().map(|c| &c.pid))
+    {
         tracer.trace_process(*pid)?;
     }
     let mut probes: Vec<Probes> = Vec::new();
@@ -557,7 +563,8 @@ fn write_oom_reports(
             views: vec![report::View::Leaks, report::View::Memory],
         };
         let mut r = report::build(&state.agg, &now.ledger, probes, &mut state.symbols, &opts);
-        r.processes.retain(|p| p.pid == pid && p.memory.as_ref().is_some_and(|m| m.oom.is_some()));
+        r.processes
+            .retain(|p| p.pid == pid && p.memory.as_ref().is_some_and(|m| m.oom.is_some()));
         let unix_s = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -573,7 +580,10 @@ fn write_oom_reports(
         match written {
             Ok(()) => eprintln!(
                 "memtrace: the OOM killer chose PID {pid} ({}); its memory report is in {}",
-                r.processes.first().and_then(|p| p.comm.clone()).unwrap_or_default(),
+                r.processes
+                    .first()
+                    .and_then(|p| p.comm.clone())
+                    .unwrap_or_default(),
                 path.display()
             ),
             Err(e) => eprintln!(

@@ -194,6 +194,13 @@ impl Symbols {
         }
     }
 
+    /// The process called execve: its name and mappings are new. Stacks
+    /// seen before keep their cached frames.
+    pub fn exec(&mut self, pid: u32) {
+        self.procs.remove(&pid);
+        self.observe(pid, &[]);
+    }
+
     fn refresh(&mut self, pid: u32) {
         let Ok(mut maps) = maps::read(pid) else {
             if let Some(p) = self.procs.get_mut(&pid) {

@@ -1,6 +1,7 @@
 //! The HTML report: one self-contained page with every view the report
-//! holds — summary, loss ledger, flame graph, timeline plot, and per
-//! process the leaks, peak, temporary and histogram tables.
+//! holds — summary, loss ledger, flame graph, timeline plot (with resident
+//! bytes when known), and per process its resident memory, the leaks,
+//! memory, peak, temporary and histogram tables.
 //!
 //! Self-contained means it works offline and from `file://`: CSS and the
 //! one small script are inline, the flame graph (made by the caller, passed
@@ -24,17 +25,25 @@
 
 use std::io::{self, Write};
 
+use super::memory::{MemoryReport, ResidentSummary};
 use super::svg::{escape, timeline_svg};
 use super::text::{STATS, frame, group, human, human_ns};
 use super::{
     Distribution, HistogramsReport, PeakReport, ProcessReport, Report, StackReport, TemporaryReport,
 };
+use crate::mem::{Backing, Explanation};
 use crate::symbolize::Frame;
 
 /// Writes the report as one HTML page, with `flame_svg` (an SVG document,
 /// may be empty) as its flame graph.
 pub fn render(r: &Report, flame_svg: &str, out: &mut dyn Write) -> io::Result<()> {
-    let shown: Vec<&ProcessReport> = r.processes.iter().filter(|p| p.total_count > 0).collect();
+    // As in the text report: processes that allocated, or whose resident
+    // memory is known.
+    let shown: Vec<&ProcessReport> = r
+        .processes
+        .iter()
+        .filter(|p| p.total_count > 0 || p.resident.is_some())
+        .collect();
     let mut page = Page { out, stacks: 0 };
     page.head(&shown)?;
     page.summary(r, &shown)?;
@@ -88,6 +97,9 @@ td.mt-num { text-align: right; white-space: nowrap; font-variant-numeric: tabula
 .mt-bar { background: #4c78a8; height: 12px; min-width: 1px; }
 .mt-hint { background: #fff4d6; padding: 4px 8px; }
 .mt-note { color: #666; }
+.mt-memory .mt-d1 th { padding-left: 24px; font-weight: normal; }
+.mt-memory .mt-d2 th { padding-left: 44px; font-weight: normal; }
+.mt-memory td.mt-why { color: #555; }
 nav a { margin-right: 12px; }
 svg.mt-timeline text { font-family: sans-serif; font-size: 12px; }
 svg.mt-timeline text.mt-title { font-size: 16px; font-weight: bold; }
@@ -231,7 +243,13 @@ impl Page<'_> {
             p.first_s,
             p.last_s
         )?;
+        if let Some(res) = &p.resident {
+            resident_line(res, self.out)?;
+        }
         self.leaks(p)?;
+        if let Some(m) = &p.memory {
+            self.memory(p, m)?;
+        }
         if let Some(peak) = &p.peak {
             self.peak(peak)?;
         }
@@ -247,15 +265,17 @@ impl Page<'_> {
     fn leaks(&mut self, p: &ProcessReport) -> io::Result<()> {
         writeln!(self.out, "<h3>Leaks</h3>")?;
         let z = &p.sizes;
-        writeln!(
-            self.out,
-            "<p>Sizes: min {}, median {}, p90 {}, p99 {}, max {}.</p>",
-            bytes(z.min),
-            bytes(z.p50),
-            bytes(z.p90),
-            bytes(z.p99),
-            bytes(z.max)
-        )?;
+        if p.total_count > 0 {
+            writeln!(
+                self.out,
+                "<p>Sizes: min {}, median {}, p90 {}, p99 {}, max {}.</p>",
+                bytes(z.min),
+                bytes(z.p50),
+                bytes(z.p90),
+                bytes(z.p99),
+                bytes(z.max)
+            )?;
+        }
         if p.unknown_frees > 0 || p.missed_frees > 0 {
             writeln!(
                 self.out,
@@ -267,6 +287,187 @@ impl Page<'_> {
         }
         self.stack_table(&["live", "live blocks"], &p.stacks)?;
         self.omitted(p.stacks_omitted)
+    }
+
+    /// The memory view: the explanation of allocated versus resident,
+    /// mapped and kernel memory, then what made memory resident, the
+    /// mappings holding it, kernel stacks and the OOM killer's verdict.
+    fn memory(&mut self, p: &ProcessReport, m: &MemoryReport) -> io::Result<()> {
+        let e = &m.explained;
+        writeln!(self.out, "<h3>Memory</h3>")?;
+        let known = p.resident.is_some();
+        match &p.resident {
+            Some(res) => writeln!(
+                self.out,
+                "<p>Allocated {} vs resident {}; resident peaked at {} at {:.3} s.</p>",
+                bytes(e.allocated),
+                bytes(e.resident),
+                bytes(res.peak_resident_bytes),
+                m.peak_resident_at_s
+            )?,
+            None => writeln!(
+                self.out,
+                "<p class=\"mt-note\">No resident memory (RSS) was reported for this process \
+                 while traced: only allocated, mapped and kernel memory are known.</p>"
+            )?,
+        }
+        writeln!(
+            self.out,
+            "<table class=\"mt-memory\"><tr><th></th><th>bytes</th><th>why</th></tr>"
+        )?;
+        for (depth, label, why, needs_rss, v) in EXPLAINED {
+            if known || !needs_rss {
+                self.memory_row(depth, label, v(e), why)?;
+            }
+        }
+        if let Some(k) = &m.kernel {
+            #[rustfmt::skip]
+            let rows = [
+                (0, "kernel (not in RSS)", e.kernel, "slab objects, pages and per-CPU memory charged to it"),
+                (1, "slab", k.slab.live_bytes, "kmalloc and kmem_cache objects"),
+                (1, "pages", k.pages.live_bytes, "pages allocated for it"),
+                (1, "per-CPU", k.percpu.live_bytes, "per-CPU chunks"),
+            ];
+            for (depth, label, v, why) in rows {
+                self.memory_row(depth, label, v, why)?;
+            }
+        }
+        writeln!(self.out, "</table>")?;
+        if let Some(k) = &m.kernel {
+            writeln!(
+                self.out,
+                "<p>Kernel memory allocated while traced: slab {}, pages {}, per-CPU {}; \
+                 {} frees of kernel allocations not seen.</p>",
+                bytes(k.slab.total_bytes),
+                bytes(k.pages.total_bytes),
+                bytes(k.percpu.total_bytes),
+                group(k.unknown_frees)
+            )?;
+        }
+        let f = &m.faults;
+        if known || f.count > 0 {
+            writeln!(
+                self.out,
+                "<p>Faults: {} made {} resident ({} more with no fault); \
+                 1 in {} sampled for its stack.</p>",
+                group(f.count),
+                bytes(f.bytes),
+                bytes(f.unplaced_bytes),
+                group(u64::from(f.sample_every))
+            )?;
+        }
+        if !m.fault_stacks.is_empty() {
+            writeln!(
+                self.out,
+                "<h4>Made resident by (estimated from samples)</h4>\n\
+                 <table><tr><th>resident (estimated)</th><th>sampled faults</th>\
+                 <th>sampled</th><th>stack</th></tr>"
+            )?;
+            for s in &m.fault_stacks {
+                self.stacks += 1;
+                writeln!(
+                    self.out,
+                    "<tr class=\"mt-stack\"><td class=\"mt-num\">{}</td><td class=\"mt-num\">{}</td>\
+                     <td class=\"mt-num\">{}</td>{}</tr>",
+                    bytes(s.estimated_bytes),
+                    group(s.sampled_faults),
+                    bytes(s.sampled_bytes),
+                    frames(&s.frames)
+                )?;
+            }
+            writeln!(self.out, "</table>")?;
+        }
+        let mapped: Vec<_> = m.mappings.iter().filter(|r| r.resident_bytes > 0).collect();
+        if !mapped.is_empty() {
+            writeln!(
+                self.out,
+                "<h4>Mappings with the most resident bytes</h4>\n\
+                 <table><tr><th>start</th><th>mapped</th><th>resident</th><th>backing</th>\
+                 <th>mapped by</th></tr>"
+            )?;
+            for r in mapped {
+                self.stacks += 1;
+                writeln!(
+                    self.out,
+                    "<tr class=\"mt-stack\"><td class=\"mt-frames\">{}</td><td class=\"mt-num\">{}</td>\
+                     <td class=\"mt-num\">{}</td><td>{}{}</td>{}</tr>",
+                    escape(&r.start),
+                    bytes(r.bytes),
+                    bytes(r.resident_bytes),
+                    backing(r.backing),
+                    if r.by_allocator { " (allocator)" } else { "" },
+                    frames(&r.frames)
+                )?;
+            }
+            writeln!(self.out, "</table>")?;
+        }
+        if let Some(k) = &m.kernel
+            && !k.stacks.is_empty()
+        {
+            writeln!(
+                self.out,
+                "<h4>Kernel memory by kernel stack</h4>\n\
+                 <table><tr><th>live</th><th>live allocations</th><th>allocated</th>\
+                 <th>allocations</th><th>allocator</th><th>kernel stack</th></tr>"
+            )?;
+            for s in &k.stacks {
+                self.stacks += 1;
+                writeln!(
+                    self.out,
+                    "<tr class=\"mt-stack\"><td class=\"mt-num\">{}</td><td class=\"mt-num\">{}</td>\
+                     <td class=\"mt-num\">{}</td><td class=\"mt-num\">{}</td><td>{}</td>{}</tr>",
+                    bytes(s.bytes.live_bytes),
+                    group(s.bytes.live_count),
+                    bytes(s.bytes.total_bytes),
+                    group(s.bytes.total_count),
+                    escape(s.allocator),
+                    frames(&s.frames)
+                )?;
+            }
+            writeln!(self.out, "</table>")?;
+            self.omitted(k.stacks_omitted)?;
+        }
+        if let Some(o) = &m.oom {
+            writeln!(
+                self.out,
+                "<p class=\"mt-hint\">OOM-killed at {:.3} s: anon-rss {}, file-rss {}, \
+                 shmem-rss {}, page tables {}, virtual size {}, oom_score_adj {}.</p>",
+                o.at_s,
+                bytes(o.anon_rss_bytes),
+                bytes(o.file_rss_bytes),
+                bytes(o.shmem_rss_bytes),
+                bytes(o.pgtables_bytes),
+                bytes(o.total_vm_bytes),
+                o.oom_score_adj
+            )?;
+        }
+        if m.unknown_unmaps > 0 || m.lazily_freed_bytes > 0 || m.execs > 0 {
+            writeln!(
+                self.out,
+                "<p class=\"mt-note\">{} unmaps of ranges mapped before tracing; \
+                 {} given back with MADV_FREE; {} execs.</p>",
+                group(m.unknown_unmaps),
+                bytes(m.lazily_freed_bytes),
+                m.execs
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One line of the memory explanation, indented by `depth`.
+    fn memory_row(&mut self, depth: u8, label: &str, v: u64, why: &str) -> io::Result<()> {
+        writeln!(
+            self.out,
+            "<tr{}><th>{}</th><td class=\"mt-num\">{}</td><td class=\"mt-why\">{}</td></tr>",
+            match depth {
+                0 => "",
+                1 => " class=\"mt-d1\"",
+                _ => " class=\"mt-d2\"",
+            },
+            escape(label),
+            bytes(v),
+            escape(why)
+        )
     }
 
     fn peak(&mut self, peak: &PeakReport) -> io::Result<()> {
@@ -435,6 +636,58 @@ impl Page<'_> {
     }
 }
 
+/// One line of the memory explanation: depth, label, why, whether it needs
+/// the resident figures (RSS), and its bytes.
+type Line = (
+    u8,
+    &'static str,
+    &'static str,
+    bool,
+    fn(&Explanation) -> u64,
+);
+
+/// The lines of the memory explanation, as the text report has them.
+#[rustfmt::skip]
+const EXPLAINED: [Line; 13] = [
+    (0, "allocated (heap, live)", "what the program asked malloc & co for and still holds", false, |e| e.allocated),
+    (1, "of which resident", "on pages the program touched", true, |e| e.allocated_resident),
+    (1, "of which never touched", "no fault on those pages: allocated, not resident (calloc, zeros)", true, |e| e.allocated_untouched),
+    (0, "resident (RSS)", "what the kernel holds in RAM", true, |e| e.resident),
+    (1, "anon", "private memory: the heap, stacks, anonymous mappings", true, |e| e.resident_anon),
+    (2, "allocator: retained, not allocated", "freed but kept by the allocator, and slack", true, |e| e.retained_by_allocator),
+    (2, "other anonymous mappings", "thread stacks, the program's own mmaps", true, |e| e.other_anon),
+    (2, "no fault seen", "resident before tracing, copied by fork, or populated", true, |e| e.anon_unattributed),
+    (1, "file", "code, libraries and mapped files", true, |e| e.resident_file),
+    (1, "shmem", "shared memory: tmpfs, memfd, shared anonymous mappings", true, |e| e.resident_shmem),
+    (0, "swap", "swapped out: not in RAM, not in RSS", true, |e| e.swap),
+    (0, "mapped (mmap/mremap while traced)", "address space; resident only where touched", false, |e| e.mapped),
+    (1, "by the allocator", "arenas and large blocks the allocator mapped", false, |e| e.mapped_by_allocator),
+];
+
+/// The resident summary under a process's header.
+fn resident_line(r: &ResidentSummary, out: &mut dyn Write) -> io::Result<()> {
+    writeln!(
+        out,
+        "<p>Resident: {} (anon {}, file {}, shmem {}; swap {}; peak {}).</p>",
+        bytes(r.resident_bytes),
+        bytes(r.anon_bytes),
+        bytes(r.file_bytes),
+        bytes(r.shmem_bytes),
+        bytes(r.swap_bytes),
+        bytes(r.peak_resident_bytes)
+    )
+}
+
+/// What backs a mapping, as JSON names it.
+fn backing(b: Backing) -> &'static str {
+    match b {
+        Backing::Anon => "anon",
+        Backing::Shared => "shared",
+        Backing::File => "file",
+        Backing::Brk => "brk",
+    }
+}
+
 /// `PID 42 (server)`.
 fn name(p: &ProcessReport) -> String {
     format!("PID {} ({})", p.pid, p.comm.as_deref().unwrap_or("?"))
@@ -549,6 +802,7 @@ mod tests {
     fn sections_follow_the_views_built() {
         let all = page(&rich());
         for s in [
+            "<h3>Memory</h3>",
             "<h3>Peak</h3>",
             "<h3>Temporary</h3>",
             "<h3>Histograms</h3>",
@@ -559,6 +813,7 @@ mod tests {
         let leaks = page(&rich_with(vec![View::Leaks]));
         assert!(leaks.contains("<h3>Leaks</h3>"));
         for s in [
+            "<h3>Memory</h3>",
             "<h3>Peak</h3>",
             "<h3>Temporary</h3>",
             "<h3>Histograms</h3>",
@@ -566,6 +821,213 @@ mod tests {
         ] {
             assert!(!leaks.contains(s), "{s}");
         }
+    }
+
+    /// [`rich`] with PID 42's resident memory known, on its timeline too,
+    /// and a memory view with every part: fault stacks, mappings, kernel
+    /// stacks and an OOM kill, frames and an allocator name that need
+    /// escaping.
+    fn with_memory() -> Report {
+        use super::super::memory::{
+            FaultStackReport, FaultSummary, KernelBytes, KernelReport, KernelStackReport,
+            MappingReport, OomReport,
+        };
+        let frame = |name: &str, address| Frame {
+            function: Some(name.into()),
+            address,
+            ..Frame::default()
+        };
+        let kernel = |live_bytes, total_bytes| KernelBytes {
+            live_bytes,
+            live_count: live_bytes / 64,
+            total_bytes,
+            total_count: total_bytes / 64,
+        };
+        let mut r = super::super::svg::tests::rich_with_resident();
+        let p = &mut r.processes[0];
+        p.resident = Some(ResidentSummary {
+            resident_bytes: 9 << 20,
+            anon_bytes: 6 << 20,
+            file_bytes: 3 << 20,
+            shmem_bytes: 0,
+            swap_bytes: 4096,
+            peak_resident_bytes: 9 << 20,
+        });
+        p.memory = Some(MemoryReport {
+            resident_known: true,
+            explained: Explanation {
+                allocated: 528_784,
+                resident: 9 << 20,
+                resident_anon: 6 << 20,
+                resident_file: 3 << 20,
+                resident_shmem: 0,
+                swap: 4096,
+                mapped: 4 << 20,
+                mapped_by_allocator: 1 << 20,
+                allocated_resident: 524_288,
+                allocated_untouched: 4_496,
+                retained_by_allocator: 2 << 20,
+                other_anon: 3 << 20,
+                anon_unattributed: (1 << 20) - 524_288,
+                kernel: 12_288,
+            },
+            peak_resident_at_s: 0.011,
+            faults: FaultSummary {
+                count: 1_536,
+                bytes: 6 << 20,
+                unplaced_bytes: 8192,
+                sample_every: 32,
+            },
+            fault_stacks: vec![FaultStackReport {
+                sampled_faults: 48,
+                sampled_bytes: 196_608,
+                estimated_bytes: 6 << 20,
+                frames: vec![frame("fill<char>", 0x40_1400), frame("main", 0x40_1900)],
+            }],
+            mappings: vec![
+                MappingReport {
+                    start: "0x7f0000000000".into(),
+                    bytes: 4 << 20,
+                    backing: Backing::Anon,
+                    by_allocator: true,
+                    resident_bytes: 3 << 20,
+                    frames: vec![frame("sysmalloc", 0x7f_1000)],
+                },
+                MappingReport {
+                    start: "0x7f0000400000".into(),
+                    bytes: 1 << 20,
+                    backing: Backing::File,
+                    by_allocator: false,
+                    resident_bytes: 0,
+                    frames: vec![],
+                },
+            ],
+            map_stacks: vec![],
+            kernel: Some(KernelReport {
+                slab: kernel(8192, 16_384),
+                pages: kernel(4096, 4096),
+                percpu: kernel(0, 0),
+                unknown_frees: 3,
+                stacks: vec![KernelStackReport {
+                    allocator: "kmalloc<x>",
+                    bytes: kernel(8192, 16_384),
+                    frames: vec![
+                        frame("__kmalloc", 0xffff_0001),
+                        frame("do_sys_open", 0xffff_0002),
+                    ],
+                }],
+                stacks_omitted: 2,
+            }),
+            unknown_unmaps: 1,
+            lazily_freed_bytes: 0,
+            execs: 0,
+            oom: Some(OomReport {
+                at_s: 0.05,
+                anon_rss_bytes: 6 << 20,
+                file_rss_bytes: 3 << 20,
+                shmem_rss_bytes: 0,
+                pgtables_bytes: 8192,
+                total_vm_bytes: 64 << 20,
+                oom_score_adj: 500,
+            }),
+        });
+        r
+    }
+
+    /// From `<h3>Memory</h3>` to the next section heading.
+    fn memory_section(html: &str) -> &str {
+        let at = html.find("<h3>Memory</h3>").expect("a memory section");
+        let end = html[at + 1..]
+            .find("<h3>")
+            .map_or(html.len(), |e| at + 1 + e);
+        &html[at..end]
+    }
+
+    #[test]
+    fn memory_section_matches_its_snapshot() {
+        insta::assert_snapshot!("memory", memory_section(&page(&with_memory())));
+    }
+
+    #[test]
+    fn memory_view_explains_allocated_against_resident() {
+        let html = page(&with_memory());
+        let m = memory_section(&html);
+        for s in [
+            "<th>allocated (heap, live)</th><td class=\"mt-num\">528,784 B",
+            "<tr class=\"mt-d1\"><th>of which never touched</th><td class=\"mt-num\">4,496 B",
+            "<th>resident (RSS)</th><td class=\"mt-num\">9,437,184 B",
+            "<tr class=\"mt-d2\"><th>allocator: retained, not allocated</th><td class=\"mt-num\">2,097,152 B",
+            "<th>other anonymous mappings</th>",
+            "<th>no fault seen</th><td class=\"mt-num\">524,288 B",
+            "<th>file</th><td class=\"mt-num\">3,145,728 B",
+            "<th>swap</th><td class=\"mt-num\">4,096 B",
+            "<th>mapped (mmap/mremap while traced)</th>",
+            "<th>kernel (not in RSS)</th><td class=\"mt-num\">12,288 B",
+            "what the program asked malloc &amp; co for and still holds",
+            "<h4>Made resident by (estimated from samples)</h4>",
+            "<summary>fill&lt;char&gt;</summary>",
+            "<h4>Mappings with the most resident bytes</h4>",
+            "<td>anon (allocator)</td>",
+            "<h4>Kernel memory by kernel stack</h4>",
+            "<td>kmalloc&lt;x&gt;</td>",
+            "<summary>__kmalloc</summary>",
+            "… 2 more stacks",
+            "OOM-killed at 0.050 s: anon-rss 6,291,456 B",
+            "oom_score_adj 500.",
+        ] {
+            assert!(m.contains(s), "{s}\n{m}");
+        }
+        // Mappings that hold nothing resident are left out, as in text.
+        assert!(!m.contains("0x7f0000400000"), "{m}");
+        assert!(!html.contains("fill<char>"), "{html}");
+        assert!(!html.contains("kmalloc<x>"), "{html}");
+        assert!(
+            html.contains("<p>Resident: 9,437,184 B <span class=\"mt-h\">[9.0 MiB]</span> (anon "),
+            "{html}"
+        );
+        // The page's timeline has the resident line, and its counts
+        // include the memory view's rows: 1 fault stack, 1 mapping, 1
+        // kernel stack.
+        assert!(html.contains("<polyline class=\"mt-resident\""), "{html}");
+        assert!(
+            html.contains(">server (42): resident (RSS)</text>"),
+            "{html}"
+        );
+        let rows = html.matches("<tr class=\"mt-stack\">").count();
+        assert_eq!(
+            rows,
+            page(&rich()).matches("<tr class=\"mt-stack\">").count() + 3
+        );
+        assert!(
+            html.contains(&format!("{{\"processes\":2,\"stacks\":{rows}}}")),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn memory_view_without_resident_data_says_so_and_shows_what_is_known() {
+        let html = page(&rich());
+        let m = memory_section(&html);
+        assert!(m.contains("No resident memory (RSS) was reported"), "{m}");
+        assert!(
+            m.contains("<th>allocated (heap, live)</th><td class=\"mt-num\">528,784 B"),
+            "{m}"
+        );
+        assert!(
+            m.contains("<th>mapped (mmap/mremap while traced)</th>"),
+            "{m}"
+        );
+        for s in [
+            "resident (RSS)</th>",
+            "of which",
+            "<th>swap</th>",
+            "kernel (not in RSS)",
+            "Faults:",
+        ] {
+            assert!(!m.contains(s), "{s}\n{m}");
+        }
+        assert!(!html.contains("<p>Resident:"), "{html}");
+        assert!(!html.contains("mt-resident"), "{html}");
     }
 
     #[test]
@@ -581,9 +1043,10 @@ mod tests {
         assert!(html.contains("<p id=\"status\">static</p>"));
     }
 
-    /// Writes the page, with a real flame graph (inferno's, script and
-    /// all), to `MEMTRACE_HTML_OUT` for a look in a browser (`chromium
-    /// --headless --dump-dom file://…`); does nothing otherwise.
+    /// Writes the page of [`with_memory`] (every part of the memory view),
+    /// with a real flame graph (inferno's, script and all), to
+    /// `MEMTRACE_HTML_OUT` for a look in a browser (`chromium --headless
+    /// --dump-dom file://…`); does nothing otherwise.
     #[test]
     fn write_page_for_a_browser() {
         let Some(path) = std::env::var_os("MEMTRACE_HTML_OUT") else {
@@ -597,7 +1060,7 @@ mod tests {
         };
         super::super::flame::render(&samples, Weight::LiveBytes, &opts, &mut flame).unwrap();
         let mut out = Vec::new();
-        render(&rich(), &String::from_utf8(flame).unwrap(), &mut out).unwrap();
+        render(&with_memory(), &String::from_utf8(flame).unwrap(), &mut out).unwrap();
         std::fs::write(path, out).unwrap();
     }
 }

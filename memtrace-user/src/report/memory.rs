@@ -49,6 +49,10 @@ impl ResidentSummary {
 /// The `memory` view of one process.
 #[derive(Clone, Debug, Serialize)]
 pub struct MemoryReport {
+    /// Whether the kernel side reported resident memory (false for
+    /// recordings made before memtrace traced it): without it only
+    /// `allocated` and `mapped` mean anything.
+    pub resident_known: bool,
     /// The figures and the lines of the explanation, bytes.
     pub explained: Explanation,
     /// Seconds from the trace's start to the highest resident total.
@@ -267,6 +271,7 @@ pub fn build(
         }
     });
     MemoryReport {
+        resident_known: m.has_rss(),
         explained: p.explain(),
         peak_resident_at_s: opts.seconds(m.peak_rss.1),
         faults: FaultSummary {
@@ -344,7 +349,7 @@ fn frame_line(frames: &[Frame]) -> String {
 fn line(out: &mut dyn Write, label: &str, bytes: u64, why: &str) -> io::Result<()> {
     writeln!(
         out,
-        "    {label:<34} {:>17} B {:>10}  {why}",
+        "    {label:<38} {:>15} B {:>10}  {why}",
         group(bytes),
         human(bytes)
     )
@@ -367,22 +372,80 @@ pub fn render_summary(r: &ResidentSummary, out: &mut dyn Write) -> io::Result<()
 /// The `memory` view of one process as text.
 pub fn render(m: &MemoryReport, out: &mut dyn Write) -> io::Result<()> {
     let e = &m.explained;
-    writeln!(out, "  memory: allocated {} vs resident {}", human(e.allocated), human(e.resident))?;
-    line(out, "allocated (heap, live)", e.allocated, "what the program asked malloc & co for and still holds")?;
-    line(out, "  of which resident", e.allocated_resident, "on pages the program touched")?;
-    line(out, "  of which never touched", e.allocated_untouched, "no fault on those pages: allocated, not resident (calloc, zeros)")?;
-    line(out, "resident (RSS)", e.resident, "what the kernel holds in RAM")?;
+    if !m.resident_known {
+        writeln!(
+            out,
+            "  memory: allocated {}; resident memory was not reported (no kernel events in this trace)",
+            human(e.allocated)
+        )?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "  memory: allocated {} vs resident {}",
+        human(e.allocated),
+        human(e.resident)
+    )?;
+    line(
+        out,
+        "allocated (heap, live)",
+        e.allocated,
+        "what the program asked malloc & co for and still holds",
+    )?;
+    line(
+        out,
+        "  of which resident",
+        e.allocated_resident,
+        "on pages the program touched",
+    )?;
+    line(
+        out,
+        "  of which never touched",
+        e.allocated_untouched,
+        "no fault on those pages: allocated, not resident (calloc, zeros)",
+    )?;
+    line(
+        out,
+        "resident (RSS)",
+        e.resident,
+        "what the kernel holds in RAM",
+    )?;
     line(out, "  anon", e.resident_anon, "")?;
-    line(out, "    allocator: retained, not allocated", e.retained_by_allocator, "freed but kept by the allocator, and slack")?;
-    line(out, "    other anonymous mappings", e.other_anon, "thread stacks, the program's own mmaps")?;
-    line(out, "    no fault seen", e.anon_unattributed, "resident before tracing, copied by fork, or populated")?;
-    line(out, "  file", e.resident_file, "code, libraries and mapped files")?;
+    line(
+        out,
+        "    allocator: retained, not allocated",
+        e.retained_by_allocator,
+        "freed but kept by the allocator, and slack",
+    )?;
+    line(
+        out,
+        "    other anonymous mappings",
+        e.other_anon,
+        "thread stacks, the program's own mmaps",
+    )?;
+    line(
+        out,
+        "    no fault seen",
+        e.anon_unattributed,
+        "resident before tracing, copied by fork, or populated",
+    )?;
+    line(
+        out,
+        "  file",
+        e.resident_file,
+        "code, libraries and mapped files",
+    )?;
     line(out, "  shmem", e.resident_shmem, "")?;
     line(out, "swap", e.swap, "")?;
     line(out, "mapped (mmap/mremap while traced)", e.mapped, "")?;
     line(out, "  by the allocator", e.mapped_by_allocator, "")?;
     if let Some(k) = &m.kernel {
-        line(out, "kernel (not in RSS)", e.kernel, "slab objects, pages and per-CPU memory charged to it")?;
+        line(
+            out,
+            "kernel (not in RSS)",
+            e.kernel,
+            "slab objects, pages and per-CPU memory charged to it",
+        )?;
         writeln!(
             out,
             "      slab {} live of {} allocated; pages {} of {}; per-CPU {} of {}; {} frees of unseen allocations",
@@ -407,7 +470,12 @@ pub fn render(m: &MemoryReport, out: &mut dyn Write) -> io::Result<()> {
     if !m.fault_stacks.is_empty() {
         writeln!(out, "  made resident by (estimated from samples):")?;
         for s in &m.fault_stacks {
-            writeln!(out, "    {:>10}  {}", human(s.estimated_bytes), frame_line(&s.frames))?;
+            writeln!(
+                out,
+                "    {:>10}  {}",
+                human(s.estimated_bytes),
+                frame_line(&s.frames)
+            )?;
         }
     }
     let mapped: Vec<&MappingReport> = m.mappings.iter().filter(|r| r.resident_bytes > 0).collect();

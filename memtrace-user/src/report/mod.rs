@@ -606,9 +606,7 @@ fn process_report(
         .wants(View::Histograms)
         .then(|| histograms_report(p, sym, opts));
     let timeline = opts.wants(View::Timeline).then(|| {
-        let resident = p.timeline.resident_points();
-        // The resident series starts with the first RSS record.
-        let offset = p.timeline.points.len().saturating_sub(resident.len());
+        let resident = &p.timeline.resident;
         TimelineReport {
             step_s: p.timeline.step_ns as f64 / 1e9,
             points: p
@@ -617,7 +615,7 @@ fn process_report(
                 .iter()
                 .enumerate()
                 .map(|(i, &(max_bytes, end_bytes))| {
-                    let rss = i.checked_sub(offset).and_then(|j| resident.get(j));
+                    let rss = resident.get(i).copied().flatten();
                     TimelinePoint {
                         t_s: opts.seconds(p.timeline.start_ns + i as u64 * p.timeline.step_ns),
                         max_bytes,

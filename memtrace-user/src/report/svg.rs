@@ -1,6 +1,10 @@
 //! The timeline as an SVG plot: live bytes over time, one step-shaped line
 //! per process that has a timeline, with axes, ticks, a legend and each
-//! process's highest point marked.
+//! process's highest point marked. When the kernel side reported a
+//! process's resident bytes (RSS), they are a second, dashed line in the
+//! process's colour on the same scale, and the legend tells the allocated
+//! (heap) line from the resident (RSS) one; a plot with no resident data
+//! is drawn as before.
 //!
 //! Hand-written SVG text, no plotting crate, and deterministic: the same
 //! report gives the same bytes (fixed-precision coordinates, no clock, no
@@ -35,24 +39,39 @@ const COLOURS: [&str; 8] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
 ];
 
+/// Dash pattern of the resident (RSS) lines.
+const RESIDENT_DASH: &str = "6 3";
+
 /// Writes the timeline of every process that has one as an SVG document.
 pub fn timeline(r: &Report, out: &mut dyn Write) -> io::Result<()> {
     let series: Vec<Series> = r
         .processes
         .iter()
-        // Processes that only freed are left out, as in the text report.
-        .filter(|p| p.total_count > 0)
+        // Processes that only freed (and have no resident memory) are left
+        // out, as in the text report.
+        .filter(|p| p.total_count > 0 || p.resident.is_some())
         .filter_map(|p| {
             let t = p.timeline.as_ref()?;
+            let resident: Vec<(f64, u64)> = t
+                .points
+                .iter()
+                .filter_map(|q| Some((q.t_s, q.resident_max_bytes?)))
+                .collect();
             (!t.points.is_empty()).then(|| Series {
                 label: format!("{} ({})", p.comm.as_deref().unwrap_or("?"), p.pid),
                 step_s: t.step_s,
                 points: t.points.iter().map(|q| (q.t_s, q.max_bytes)).collect(),
+                resident,
             })
         })
         .collect();
+    let with_resident = series.iter().any(|s| !s.resident.is_empty());
     let legend_top = TOP + PLOT_HEIGHT + 52.0;
-    let height = legend_top + LEGEND_LINE * series.len() as f64 + 8.0;
+    let legend_lines: usize = series
+        .iter()
+        .map(|s| 1 + usize::from(!s.resident.is_empty()))
+        .sum();
+    let height = legend_top + LEGEND_LINE * legend_lines as f64 + 8.0;
     writeln!(
         out,
         r##"<svg xmlns="http://www.w3.org/2000/svg" class="mt-timeline" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">"##
@@ -63,8 +82,13 @@ pub fn timeline(r: &Report, out: &mut dyn Write) -> io::Result<()> {
     )?;
     writeln!(
         out,
-        r##"<text class="mt-title" x="{}" y="24" text-anchor="middle" font-size="16" font-weight="bold">memtrace: live heap bytes over time ({} s traced)</text>"##,
+        r##"<text class="mt-title" x="{}" y="24" text-anchor="middle" font-size="16" font-weight="bold">memtrace: {} over time ({} s traced)</text>"##,
         WIDTH / 2.0,
+        if with_resident {
+            "live heap and resident bytes"
+        } else {
+            "live heap bytes"
+        },
         num(r.duration_s, 2)
     )?;
     if series.is_empty() {
@@ -80,78 +104,148 @@ pub fn timeline(r: &Report, out: &mut dyn Write) -> io::Result<()> {
         .iter()
         .map(|s| s.points.last().map_or(0.0, |p| p.0) + s.step_s)
         .fold(0.0, f64::max);
+    // One scale for both lines: it covers the highest of either.
     let y_end = series
         .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .flat_map(|s| s.points.iter().chain(&s.resident).map(|p| p.1))
         .max()
         .unwrap_or(0);
     let axes = Axes::new(x_end, y_end);
-    axes.write(out)?;
+    axes.write(
+        out,
+        if with_resident {
+            "bytes (highest per point)"
+        } else {
+            "live bytes (highest per point)"
+        },
+    )?;
+    let mut legend_y = legend_top;
     for (i, s) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        // Step-shaped: a point's value holds over its whole width, so the
-        // line turns only where the value changes.
-        let mut path = Vec::new();
-        let mut corner = |t: f64, v: u64| {
-            let at = format!("{},{}", num(axes.x(t), 1), num(axes.y(v), 1));
-            // Changes smaller than a tenth of a pixel would repeat a corner.
-            if path.last() != Some(&at) {
-                path.push(at);
-            }
-        };
-        let mut prev = None;
-        for &(t, v) in &s.points {
-            match prev {
-                None => corner(t, v),
-                Some(p) if p != v => {
-                    corner(t, p);
-                    corner(t, v);
-                }
-                Some(_) => {}
-            }
-            prev = Some(v);
-        }
-        if let (Some(&(t, v)), Some(_)) = (s.points.last(), prev) {
-            corner(t + s.step_s, v);
-        }
         writeln!(
             out,
             r##"<polyline class="mt-series" fill="none" stroke="{colour}" stroke-width="1.5" points="{}"/>"##,
-            path.join(" ")
+            step_path(&axes, &s.points, s.step_s)
         )?;
-        // The first point that reaches the series' highest value.
-        let (t, v) = s
-            .points
-            .iter()
-            .copied()
-            .fold((0.0, 0), |best, p| if p.1 > best.1 { p } else { best });
+        let (t, v) = highest(&s.points);
         writeln!(
             out,
-            r##"<circle cx="{}" cy="{}" r="3" fill="{colour}"><title>{}: highest {} B{} at {} s</title></circle>"##,
+            r##"<circle cx="{}" cy="{}" r="3" fill="{colour}"><title>{}: highest {}{} at {} s</title></circle>"##,
             num(axes.x(t + s.step_s / 2.0), 1),
             num(axes.y(v), 1),
             escape(&s.label),
-            group(v),
-            if v < 1024 {
-                String::new()
-            } else {
-                format!(" [{}]", human(v))
-            },
+            if with_resident { "allocated " } else { "" },
+            bytes(v),
             num(t, 3)
         )?;
-        let y = legend_top + LEGEND_LINE * i as f64;
+        legend(
+            out,
+            legend_y,
+            colour,
+            None,
+            &if with_resident {
+                format!("{}: allocated (heap)", s.label)
+            } else {
+                s.label.clone()
+            },
+        )?;
+        legend_y += LEGEND_LINE;
+        if s.resident.is_empty() {
+            continue;
+        }
         writeln!(
             out,
-            r##"<line x1="{LEFT}" y1="{}" x2="{}" y2="{}" stroke="{colour}" stroke-width="3"/><text x="{}" y="{}">{}</text>"##,
-            num(y - 4.0, 1),
-            LEFT + 24.0,
-            num(y - 4.0, 1),
-            LEFT + 30.0,
-            num(y, 1),
-            escape(&s.label)
+            r##"<polyline class="mt-resident" fill="none" stroke="{colour}" stroke-width="1.5" stroke-dasharray="{RESIDENT_DASH}" points="{}"/>"##,
+            step_path(&axes, &s.resident, s.step_s)
         )?;
+        let (t, v) = highest(&s.resident);
+        writeln!(
+            out,
+            r##"<circle cx="{}" cy="{}" r="3" fill="#ffffff" stroke="{colour}" stroke-width="1.5"><title>{}: highest resident {} at {} s</title></circle>"##,
+            num(axes.x(t + s.step_s / 2.0), 1),
+            num(axes.y(v), 1),
+            escape(&s.label),
+            bytes(v),
+            num(t, 3)
+        )?;
+        legend(
+            out,
+            legend_y,
+            colour,
+            Some(RESIDENT_DASH),
+            &format!("{}: resident (RSS)", s.label),
+        )?;
+        legend_y += LEGEND_LINE;
     }
     writeln!(out, "</svg>")
+}
+
+/// A step-shaped line through `points`: a point's value holds over its
+/// whole width, so the line turns only where the value changes.
+fn step_path(axes: &Axes, points: &[(f64, u64)], step_s: f64) -> String {
+    let mut path: Vec<String> = Vec::new();
+    let mut corner = |t: f64, v: u64| {
+        let at = format!("{},{}", num(axes.x(t), 1), num(axes.y(v), 1));
+        // Changes smaller than a tenth of a pixel would repeat a corner.
+        if path.last() != Some(&at) {
+            path.push(at);
+        }
+    };
+    let mut prev = None;
+    for &(t, v) in points {
+        match prev {
+            None => corner(t, v),
+            Some(p) if p != v => {
+                corner(t, p);
+                corner(t, v);
+            }
+            Some(_) => {}
+        }
+        prev = Some(v);
+    }
+    if let (Some(&(t, v)), Some(_)) = (points.last(), prev) {
+        corner(t + step_s, v);
+    }
+    path.join(" ")
+}
+
+/// The first point that reaches the highest value.
+fn highest(points: &[(f64, u64)]) -> (f64, u64) {
+    points
+        .iter()
+        .copied()
+        .fold((0.0, 0), |best, p| if p.1 > best.1 { p } else { best })
+}
+
+/// `3,149,824 B [3.0 MiB]`, the human part only when it adds something.
+fn bytes(v: u64) -> String {
+    if v < 1024 {
+        format!("{} B", group(v))
+    } else {
+        format!("{} B [{}]", group(v), human(v))
+    }
+}
+
+/// One legend line: a swatch of the line (dashed when `dash` is given) and
+/// its label.
+fn legend(
+    out: &mut dyn Write,
+    y: f64,
+    colour: &str,
+    dash: Option<&str>,
+    label: &str,
+) -> io::Result<()> {
+    let dash = dash.map_or(String::new(), |d| format!(" stroke-dasharray=\"{d}\""));
+    writeln!(
+        out,
+        r##"<line x1="{LEFT}" y1="{}" x2="{}" y2="{}" stroke="{colour}" stroke-width="3"{dash}/><text x="{}" y="{}">{}</text>"##,
+        num(y - 4.0, 1),
+        LEFT + 24.0,
+        num(y - 4.0, 1),
+        LEFT + 30.0,
+        num(y, 1),
+        escape(label)
+    )
 }
 
 /// The SVG document as a string, for embedding (it has no XML prolog, so it
@@ -178,11 +272,14 @@ pub fn escape(s: &str) -> String {
     out
 }
 
-/// One process's line: (point start in seconds, highest live bytes).
+/// One process's lines: (point start in seconds, highest live bytes), and
+/// the same for resident bytes where the kernel side reported them (empty
+/// when it did not).
 struct Series {
     label: String,
     step_s: f64,
     points: Vec<(f64, u64)>,
+    resident: Vec<(f64, u64)>,
 }
 
 /// Scales and ticks: the x axis runs from the trace's start to the last
@@ -221,7 +318,8 @@ impl Axes {
         TOP + PLOT_HEIGHT * (1.0 - v as f64 / self.y_max as f64)
     }
 
-    fn write(&self, out: &mut dyn Write) -> io::Result<()> {
+    /// The grid, ticks and axis titles; `y_title` names the y axis.
+    fn write(&self, out: &mut dyn Write, y_title: &str) -> io::Result<()> {
         let bottom = TOP + PLOT_HEIGHT;
         let right = WIDTH - RIGHT;
         for i in 0..=self.y_ticks {
@@ -264,7 +362,7 @@ impl Axes {
         )?;
         writeln!(
             out,
-            r##"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">live bytes (highest per point)</text>"##,
+            r##"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">{y_title}</text>"##,
             TOP + PLOT_HEIGHT / 2.0,
             TOP + PLOT_HEIGHT / 2.0
         )
@@ -310,7 +408,7 @@ fn num(v: f64, decimals: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::View;
     use super::super::text::tests::{rich, rich_with};
     use super::*;
@@ -332,6 +430,90 @@ mod tests {
         assert!(svg.contains(">server (42)</text>"), "{svg}");
         assert!(!svg.contains("tmpl<"), "{svg}");
         assert!(svg.ends_with("</svg>\n"));
+    }
+
+    /// [`rich`] with resident bytes on PID 42's timeline from its third
+    /// point on: 8 MiB, then 9 MiB from the tenth, above every heap value.
+    pub(crate) fn rich_with_resident() -> Report {
+        let mut r = rich();
+        let t = r.processes[0].timeline.as_mut().unwrap();
+        for (i, q) in t.points.iter_mut().enumerate().skip(2) {
+            let rss = if i < 10 { 8 << 20 } else { 9 << 20 };
+            q.resident_max_bytes = Some(rss);
+            q.resident_end_bytes = Some(rss);
+        }
+        r
+    }
+
+    #[test]
+    fn resident_bytes_are_a_dashed_second_line_on_the_same_scale() {
+        let svg = timeline_svg(&rich_with_resident());
+        assert_eq!(
+            svg.matches("<polyline class=\"mt-series\"").count(),
+            2,
+            "{svg}"
+        );
+        // Only PID 42 has resident data: one dashed line, in its colour.
+        assert_eq!(
+            svg.matches("<polyline class=\"mt-resident\"").count(),
+            1,
+            "{svg}"
+        );
+        assert!(
+            svg.contains(
+                "<polyline class=\"mt-resident\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" stroke-dasharray=\"6 3\""
+            ),
+            "{svg}"
+        );
+        // The legend names both lines, the resident swatch dashed too.
+        assert!(
+            svg.contains(">server (42): allocated (heap)</text>"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("stroke-dasharray=\"6 3\"/><text x=\"120\" y=\"394.0\">server (42): resident (RSS)</text>"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(">tmpl&lt;&amp;&gt; (77): allocated (heap)</text>"),
+            "{svg}"
+        );
+        assert!(!svg.contains("(77): resident"), "{svg}");
+        // The y axis reaches 9 MiB (the heap alone peaks at 3 MiB) and the
+        // highest resident point sits below its top.
+        assert!(svg.contains(">10.0 MiB</text>"), "{svg}");
+        assert!(
+            svg.contains("highest resident 9,437,184 B [9.0 MiB] at 0.011 s"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("live heap and resident bytes over time"),
+            "{svg}"
+        );
+        // One more legend line than without resident data.
+        let plain = timeline_svg(&rich());
+        let height = |s: &str| {
+            s.split("height=\"")
+                .nth(1)
+                .and_then(|h| h.split('"').next())
+                .map(str::to_string)
+        };
+        assert_eq!(height(&plain).as_deref(), Some("420"));
+        assert_eq!(height(&svg).as_deref(), Some("438"));
+    }
+
+    #[test]
+    fn timeline_with_resident_matches_its_snapshot() {
+        insta::assert_snapshot!("timeline_resident", timeline_svg(&rich_with_resident()));
+    }
+
+    #[test]
+    fn without_resident_data_there_is_no_resident_line_or_legend() {
+        let svg = timeline_svg(&rich());
+        assert!(!svg.contains("mt-resident"), "{svg}");
+        assert!(!svg.contains("stroke-dasharray"), "{svg}");
+        assert!(!svg.contains("(RSS)"), "{svg}");
+        assert!(svg.contains(">server (42)</text>"), "{svg}");
     }
 
     #[test]

@@ -472,6 +472,8 @@ pub fn frame(f: &Frame) -> String {
             Some(line) => format!("{func} ({file}:{line})"),
             None => format!("{func} ({file})"),
         },
+        // Kernel modules are already bracketed: `[kernel.kallsyms]`.
+        (Some(func), None, Some(m)) if m.starts_with('[') => format!("{func} {m}"),
         (Some(func), None, Some(m)) => format!("{func} [{m}]"),
         (Some(func), None, None) => func.clone(),
         (None, _, Some(m)) => format!("{m}+{:#x}", f.module_offset.unwrap_or(0)),
