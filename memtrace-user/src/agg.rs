@@ -243,13 +243,11 @@ impl Timeline {
 
     fn coarsen(&mut self) {
         self.step_ns *= 2;
-        let merge = |points: &[(u64, u64)]| {
-            points
-                .chunks(2)
-                .map(|c| (c.iter().map(|p| p.0).max().unwrap_or(0), c[c.len() - 1].1))
-                .collect()
-        };
-        self.points = merge(&self.points);
+        self.points = self
+            .points
+            .chunks(2)
+            .map(|c| (c.iter().map(|p| p.0).max().unwrap_or(0), c[c.len() - 1].1))
+            .collect();
         self.resident = self
             .resident
             .chunks(2)
