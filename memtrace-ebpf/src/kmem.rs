@@ -38,17 +38,16 @@ fn field<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
     unsafe { ctx.read_at::<T>(offset) }.unwrap_or_default()
 }
 
+/// Sizes of an allocation: bytes requested, bytes set aside.
+#[derive(Clone, Copy)]
+struct Sizes(u64, u64);
+
+/// Writes a record charged to `tgid` (thread `tid` made it); only
+/// allocations carry a stack.
 #[inline(always)]
-fn record(
-    ctx: &TracePointContext,
-    tgid: u32,
-    tid: u32,
-    op: KmemOp,
-    key: &KmemKey,
-    req: u64,
-    alloc: u64,
-    with_stack: bool,
-) {
+fn record(ctx: &TracePointContext, tgid: u32, tid: u32, op: KmemOp, key: &KmemKey, sizes: Sizes) {
+    let Sizes(req, alloc) = sizes;
+    let with_stack = op != KmemOp::Free;
     let Some(rec) = KMEM_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -90,11 +89,11 @@ fn on_alloc(ctx: &TracePointContext, op: KmemOp, space: KmemOp, addr: u64, req: 
         addr,
     };
     let owner = KmemOwner { tgid, _pad: 0 };
-    if KLIVE.insert(&key, &owner, 0).is_err() {
+    if KLIVE.insert(key, owner, 0).is_err() {
         count(Counter::KmemTableFull);
         return;
     }
-    record(ctx, tgid, pid_tgid as u32, op, &key, req, alloc, true);
+    record(ctx, tgid, pid_tgid as u32, op, &key, Sizes(req, alloc));
 }
 
 #[inline(always)]
@@ -104,12 +103,12 @@ fn on_free(ctx: &TracePointContext, space: KmemOp, addr: u64) {
         addr,
     };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(owner) = (unsafe { KLIVE.get(&key) }).copied() else {
+    let Some(owner) = (unsafe { KLIVE.get(key) }).copied() else {
         return;
     };
-    let _ = KLIVE.remove(&key);
+    let _ = KLIVE.remove(key);
     let tid = bpf_get_current_pid_tgid() as u32;
-    record(ctx, owner.tgid, tid, KmemOp::Free, &key, 0, 0, false);
+    record(ctx, owner.tgid, tid, KmemOp::Free, &key, Sizes(0, 0));
 }
 
 /// `kmem:kmalloc`: ptr 16, bytes_req 24, bytes_alloc 32.

@@ -25,14 +25,14 @@ pub fn process_exit(ctx: RawTracePointContext) -> u32 {
     let tid = pid_tgid as u32;
     // A call that never returned allocated nothing anyone will see: this is
     // cleanup, not a loss. Removing a missing key is a cheap failure.
-    let _ = INFLIGHT.remove(&tid);
+    let _ = INFLIGHT.remove(tid);
     let tgid = (pid_tgid >> 32) as u32;
     if group_dead & 0xff == 0 || tgid == self_tgid() {
         return 0;
     }
     // A later process with this pid is not the one asked for.
-    let _ = RSS_LAST.remove(&tgid);
-    let _ = TRACED.remove(&tgid);
+    let _ = RSS_LAST.remove(tgid);
+    let _ = TRACED.remove(tgid);
     submit::<Header>(|h| *h = header(RecordKind::Exit, pid_tgid));
     0
 }
@@ -46,7 +46,7 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
     if !traced(tgid) {
         return 0;
     }
-    let _ = RSS_LAST.remove(&tgid);
+    let _ = RSS_LAST.remove(tgid);
     submit::<Header>(|h| *h = header(RecordKind::Exec, pid_tgid));
     0
 }

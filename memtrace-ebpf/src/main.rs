@@ -99,7 +99,7 @@ pub(crate) fn traced(tgid: u32) -> bool {
         return true;
     }
     // SAFETY: a read-only look at a map value.
-    unsafe { TRACED.get(&tgid) }.is_some()
+    unsafe { TRACED.get(tgid) }.is_some()
 }
 
 /// Captures the current stack into `frames` (the user stack with `user`,

@@ -133,13 +133,13 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
             return 0;
         }
         // SAFETY: read-only look at a map value.
-        if unsafe { MM_OWNER.get(&mm_id) }.copied() != Some(current) {
-            let _ = MM_OWNER.insert(&mm_id, &current, 0);
+        if unsafe { MM_OWNER.get(mm_id) }.copied() != Some(current) {
+            let _ = MM_OWNER.insert(mm_id, current, 0);
         }
         current
     } else {
         // SAFETY: as above.
-        match unsafe { MM_OWNER.get(&mm_id) }.copied() {
+        match unsafe { MM_OWNER.get(mm_id) }.copied() {
             // A process changing its own address space while it is not its
             // current one is tearing it down (exit, or the old one at
             // exec): its accounting ends with the exit or exec record.
@@ -157,12 +157,12 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
         return 0;
     }
 
-    let last = match RSS_LAST.get_ptr_mut(&tgid) {
+    let last = match RSS_LAST.get_ptr_mut(tgid) {
         Some(l) => l,
         None => {
             let unknown = RssLast { bytes: [-1; 4] };
-            let _ = RSS_LAST.insert(&tgid, &unknown, 0);
-            match RSS_LAST.get_ptr_mut(&tgid) {
+            let _ = RSS_LAST.insert(tgid, unknown, 0);
+            match RSS_LAST.get_ptr_mut(tgid) {
                 Some(l) => l,
                 None => return 0,
             }
@@ -206,20 +206,22 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
     rec._pad = 0;
     rec.stack_err = 0;
     // member 2 is swap: a fault never makes swap entries.
-    if curr != 0 && delta > 0 && member != 2 {
-        if let Some(p) = PENDING.get_ptr_mut(0) {
-            // SAFETY: this CPU's own slot.
-            let p = unsafe { &mut *p };
-            if p.tid == pid_tgid as u32 && now.wrapping_sub(p.ts_ns) < FAULT_WINDOW_NS {
-                rec.flags = RSS_FAULT;
-                rec.fault_addr = p.addr;
-                p.tid = 0;
-                if sample() {
-                    rec.flags |= RSS_SAMPLED;
-                    let (n, err) = capture(&ctx, &mut rec.frames, true);
-                    rec.nframes = n;
-                    rec.stack_err = err;
-                }
+    if curr != 0
+        && delta > 0
+        && member != 2
+        && let Some(p) = PENDING.get_ptr_mut(0)
+    {
+        // SAFETY: this CPU's own slot.
+        let p = unsafe { &mut *p };
+        if p.tid == pid_tgid as u32 && now.wrapping_sub(p.ts_ns) < FAULT_WINDOW_NS {
+            rec.flags = RSS_FAULT;
+            rec.fault_addr = p.addr;
+            p.tid = 0;
+            if sample() {
+                rec.flags |= RSS_SAMPLED;
+                let (n, err) = capture(&ctx, &mut rec.frames, true);
+                rec.nframes = n;
+                rec.stack_err = err;
             }
         }
     }
@@ -263,14 +265,14 @@ fn vm_enter(ctx: &TracePointContext, op: VmOp) -> u32 {
     }
     // Inside a traced allocator call, the allocator itself is mapping.
     // SAFETY: read-only look at this thread's entry.
-    let by_allocator = unsafe { INFLIGHT.get(&tid) }.is_some_and(|st| st.depth > 0);
+    let by_allocator = unsafe { INFLIGHT.get(tid) }.is_some_and(|st| st.depth > 0);
     let call = VmInflight {
         op: op as u16,
         by_allocator: by_allocator as u16,
         _pad: 0,
         args,
     };
-    if VM_INFLIGHT.insert(&tid, &call, 0).is_err() {
+    if VM_INFLIGHT.insert(tid, call, 0).is_err() {
         count(Counter::VmInflightFull);
     }
     0
@@ -303,10 +305,10 @@ pub fn vm_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     // SAFETY: read of this thread's own entry, copied out before removal.
-    let Some(call) = (unsafe { VM_INFLIGHT.get(&tid) }).copied() else {
+    let Some(call) = (unsafe { VM_INFLIGHT.get(tid) }).copied() else {
         return 0;
     };
-    let _ = VM_INFLIGHT.remove(&tid);
+    let _ = VM_INFLIGHT.remove(tid);
     let ret: i64 = field(&ctx, 16);
     // Errors are -4095..-1; user addresses are never negative.
     if (-4095..0).contains(&ret) {

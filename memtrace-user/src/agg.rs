@@ -19,6 +19,8 @@ use std::collections::HashMap;
 
 use hdrhistogram::Histogram;
 
+use memtrace_common::KmemOp;
+
 use crate::event::{Alloc, Event};
 use crate::mem::{Memory, NewKind};
 
@@ -536,6 +538,9 @@ impl Aggregator {
                 p.tick(ts);
                 Self::new_stack(v.pid, new, NewKind::Map)
             }
+            // A process's kernel objects are freed as it exits (its files,
+            // sockets, pipes): the report keeps what it held at its exit.
+            Event::Kmem(k) if k.op == KmemOp::Free && !self.running.contains_key(&k.pid) => None,
             Event::Kmem(k) => {
                 let p = self.process(k.pid, ts);
                 let new = p.mem.on_kmem(k);

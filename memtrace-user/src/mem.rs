@@ -196,6 +196,9 @@ fn page_range(addr: u64, len: u64) -> Option<Range<u64>> {
 
 /// Bytes of `set` within `range`.
 fn covered(set: &RangeSet<u64>, range: &Range<u64>) -> u64 {
+    if range.is_empty() {
+        return 0;
+    }
     set.overlapping(range)
         .map(|r| r.end.min(range.end) - r.start.max(range.start))
         .sum()
@@ -418,8 +421,8 @@ impl Memory {
         if requested == 0 || brk == heap.end {
             return;
         }
-        if brk < heap.end {
-            let gone = brk.max(heap.start)..heap.end;
+        let gone = brk.max(heap.start)..heap.end;
+        if !gone.is_empty() {
             self.resident.remove(gone);
         }
         heap.end = brk.max(heap.start);
@@ -581,7 +584,7 @@ pub struct Explanation {
     /// resident before tracing began, copied by fork, or populated.
     pub anon_unattributed: u64,
     /// Kernel memory charged to the process (not in RSS): slab + pages +
-    /// per-CPU, live.
+    /// per-CPU, live (the report takes out pages that back slab objects).
     pub kernel: u64,
 }
 
@@ -862,6 +865,18 @@ mod tests {
         assert_eq!(m.kernel_unknown_frees, 1);
         assert_eq!(m.kernel_stacks.len(), 3);
         assert_eq!(explain(&m, std::iter::empty(), 0).kernel, 4096 + 256);
+    }
+
+    /// The first break seen may already be a shrink, or below the start.
+    #[test]
+    fn odd_breaks_are_not_a_panic() {
+        let mut m = Memory::default();
+        let b = |requested, brk| vm(VmCall::Brk { requested, brk }, true);
+        m.on_vm(&b(0x5000_0000, 0x5000_0000));
+        m.on_vm(&b(0x4fff_0000, 0x4fff_0000));
+        m.on_vm(&b(0x5001_0000, 0x5001_0000));
+        m.on_vm(&b(0x5000_8000, 0x5000_8000));
+        let _ = explain(&m, [(0x5000_0000, 0)].into_iter(), 0);
     }
 
     #[test]

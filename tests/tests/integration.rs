@@ -15,6 +15,7 @@ mod cmd;
 mod errors;
 mod pid;
 mod recording;
+mod resident;
 mod system_wide;
 
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};

@@ -8,6 +8,8 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use crate::agg::{Process, Stats};
+use memtrace_common::KmemOp;
+
 use crate::mem::{Backing, Explanation, KernelStack};
 use crate::report::text::{group, human};
 use crate::report::{Options, top};
@@ -149,6 +151,10 @@ pub struct KernelReport {
     pub pages: KernelBytes,
     /// Per-CPU chunks.
     pub percpu: KernelBytes,
+    /// Of `pages`, those allocated to grow a slab cache (their stack runs
+    /// through `allocate_slab`): they hold the slab objects above, so the
+    /// kernel total counts them once.
+    pub slab_pages: KernelBytes,
     /// Frees of kernel allocations memtrace had not seen.
     pub unknown_frees: u64,
     /// By kernel stack, most live bytes first.
@@ -212,6 +218,11 @@ pub struct OomReport {
     pub oom_score_adj: i64,
 }
 
+/// Kernel functions that allocate pages for a slab cache.
+fn grows_slab(function: &str) -> bool {
+    matches!(function, "allocate_slab" | "new_slab" | "alloc_slab_page")
+}
+
 fn kernel_name(s: &KernelStack) -> &'static str {
     use memtrace_common::KmemOp::*;
     match s.op {
@@ -243,7 +254,22 @@ pub fn build(
     };
     maps.sort_by(|&a, &b| (mkey(b), a).cmp(&(mkey(a), b)));
     maps.truncate(top(opts, maps.len()));
+    let mut explained = p.explain();
     let kernel = (!m.kernel_stacks.is_empty() || m.kernel_unknown_frees > 0).then(|| {
+        let mut slab_pages = Stats::default();
+        for s in m.kernel_stacks.iter().filter(|s| s.op == KmemOp::Pages) {
+            let frames = sym.frames(p.pid, &s.frames);
+            if frames
+                .iter()
+                .any(|f| f.function.as_deref().is_some_and(grows_slab))
+            {
+                slab_pages.live_bytes += s.stats.live_bytes;
+                slab_pages.live_count += s.stats.live_count;
+                slab_pages.total_bytes += s.stats.total_bytes;
+                slab_pages.total_count += s.stats.total_count;
+            }
+        }
+        explained.kernel = explained.kernel.saturating_sub(slab_pages.live_bytes);
         let mut rows: Vec<usize> = (0..m.kernel_stacks.len()).collect();
         let kkey = |i: usize| {
             let s = m.kernel_stacks[i].stats;
@@ -255,6 +281,7 @@ pub fn build(
             slab: m.kernel.slab.into(),
             pages: m.kernel.pages.into(),
             percpu: m.kernel.percpu.into(),
+            slab_pages: slab_pages.into(),
             unknown_frees: m.kernel_unknown_frees,
             stacks: rows[..shown]
                 .iter()
@@ -272,7 +299,7 @@ pub fn build(
     });
     MemoryReport {
         resident_known: m.has_rss(),
-        explained: p.explain(),
+        explained,
         peak_resident_at_s: opts.seconds(m.peak_rss.1),
         faults: FaultSummary {
             count: m.faults,
@@ -448,11 +475,12 @@ pub fn render(m: &MemoryReport, out: &mut dyn Write) -> io::Result<()> {
         )?;
         writeln!(
             out,
-            "      slab {} live of {} allocated; pages {} of {}; per-CPU {} of {}; {} frees of unseen allocations",
+            "      slab {} live of {} allocated; pages {} of {} ({} of them hold slab); per-CPU {} of {}; {} frees of unseen allocations",
             human(k.slab.live_bytes),
             human(k.slab.total_bytes),
             human(k.pages.live_bytes),
             human(k.pages.total_bytes),
+            human(k.slab_pages.live_bytes),
             human(k.percpu.live_bytes),
             human(k.percpu.total_bytes),
             group(k.unknown_frees)
