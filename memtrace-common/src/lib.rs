@@ -252,20 +252,16 @@ pub enum Counter {
     /// Traced calls (entries of allocator functions and frees), whether or
     /// not they emitted a record; a measure of load, not a loss.
     Calls = 5,
-    /// An RSS counter changed for an address space whose owner was not
-    /// known yet (a child being forked, an exec building its new stack).
-    /// The counters are absolute, so the process's next change corrects it.
-    RssUnknownMm = 6,
     /// The per-thread table of address-space syscalls in flight was full;
     /// the call was not traced.
-    VmInflightFull = 7,
+    VmInflightFull = 6,
     /// The table of live kernel allocations was full; an allocation was not
     /// tracked, and its free will not be seen.
-    KmemTableFull = 8,
+    KmemTableFull = 7,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTERS: u32 = 9;
+pub const COUNTERS: u32 = 8;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -276,7 +272,6 @@ impl Counter {
         Self::InflightFull,
         Self::StaleInflight,
         Self::Calls,
-        Self::RssUnknownMm,
         Self::VmInflightFull,
         Self::KmemTableFull,
     ];
@@ -290,7 +285,6 @@ impl Counter {
             Self::InflightFull => "inflight_full",
             Self::StaleInflight => "stale_inflight",
             Self::Calls => "calls",
-            Self::RssUnknownMm => "rss_unknown_mm",
             Self::VmInflightFull => "vm_inflight_full",
             Self::KmemTableFull => "kmem_table_full",
         }

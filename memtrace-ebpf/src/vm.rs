@@ -145,12 +145,11 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
             // exec): its accounting ends with the exit or exec record.
             Some(owner) if owner == current => return 0,
             Some(owner) => owner,
-            None => {
-                if traced(current) {
-                    count(Counter::RssUnknownMm);
-                }
-                return 0;
-            }
+            // An address space whose owner is not known yet: a child being
+            // forked, an exec building its new stack. Nothing is lost: the
+            // counters are absolute, and the owner's next change carries
+            // the value.
+            None => return 0,
         }
     };
     if !traced(tgid) {
