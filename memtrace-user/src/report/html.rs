@@ -907,6 +907,7 @@ mod tests {
                 slab: kernel(8192, 16_384),
                 pages: kernel(4096, 4096),
                 percpu: kernel(0, 0),
+                slab_pages: kernel(0, 0),
                 unknown_frees: 3,
                 stacks: vec![KernelStackReport {
                     allocator: "kmalloc<x>",
