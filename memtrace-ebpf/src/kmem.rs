@@ -19,6 +19,7 @@ use memtrace_common::{
     Counter, EVENT_ABI, Header, KmemKey, KmemOp, KmemOwner, KmemRecord, RecordKind,
 };
 
+use crate::vm::field;
 use crate::{capture, count, output, traced};
 
 /// Live kernel allocations of traced processes.
@@ -31,12 +32,6 @@ static KMEM_SCRATCH: PerCpuArray<KmemRecord> = PerCpuArray::with_max_entries(1, 
 
 /// `__GFP_MOVABLE`: user and page-cache pages.
 const GFP_MOVABLE: u64 = 0x08;
-
-#[inline(always)]
-fn field<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: as in `vm::field`.
-    unsafe { ctx.read_at::<T>(offset) }.unwrap_or_default()
-}
 
 /// Sizes of an allocation: bytes requested, bytes set aside.
 #[derive(Clone, Copy)]

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use memtrace_common::{Header, OomRecord, RecordKind};
 
-use crate::vm::RSS_LAST;
+use crate::vm::{RSS_LAST, field};
 use crate::{INFLIGHT, TRACED, header, self_tgid, submit, traced};
 
 /// A thread exited. Its calls in flight are dropped: a thread killed inside
@@ -55,14 +55,13 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
 /// shmem_rss 40, pgtables 56 (all KiB), oom_score_adj 64.
 #[tracepoint]
 pub fn oom_victim(ctx: TracePointContext) -> u32 {
-    // SAFETY (all reads): offsets within the record, checked at load.
-    let pid: i32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
+    let pid: i32 = field(&ctx, 8);
     let victim = pid as u32;
     if !traced(victim) {
         return 0;
     }
-    let f = |off: usize| -> u64 { unsafe { ctx.read_at::<u64>(off) }.unwrap_or(0) };
-    let adj: i16 = unsafe { ctx.read_at(64) }.unwrap_or(0);
+    let f = |off: usize| -> u64 { field(&ctx, off) };
+    let adj: i16 = field(&ctx, 64);
     // The victim is not the current task: the header names the victim.
     let pid_tgid = ((victim as u64) << 32) | victim as u64;
     submit::<OomRecord>(|r| {

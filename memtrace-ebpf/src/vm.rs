@@ -69,8 +69,9 @@ static VM_INFLIGHT: HashMap<u32, VmInflight> = HashMap::with_max_entries(16384, 
 /// Highest user-space address on x86-64 (4-level paging) plus one.
 const USER_END: u64 = 0x0000_8000_0000_0000;
 
+/// The tracepoint field at `offset`, or its default if unreadable.
 #[inline(always)]
-fn field<T>(ctx: &TracePointContext, offset: usize) -> T
+pub(crate) fn field<T>(ctx: &TracePointContext, offset: usize) -> T
 where
     T: Default,
 {

@@ -60,6 +60,11 @@ impl State {
     }
 
     fn apply(&mut self, ev: &Event) {
+        // Its name, read while it lives, whatever its first event is (the
+        // kernel side's carry no stack to trigger it).
+        if !self.symbols.knows(ev.pid()) && !matches!(ev, Event::Exit { .. }) {
+            self.symbols.observe(ev.pid(), &[]);
+        }
         let new = self.agg.on_event(ev).is_some();
         // The recording keeps stacks outside the size filter too.
         let recorded_new = self.recorder.as_mut().is_some_and(|r| r.record(ev));

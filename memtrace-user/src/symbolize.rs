@@ -194,6 +194,11 @@ impl Symbols {
         }
     }
 
+    /// Whether the process was seen (its name and mappings read).
+    pub fn knows(&self, pid: u32) -> bool {
+        self.procs.contains_key(&pid)
+    }
+
     /// The process called execve: its name and mappings are new. Stacks
     /// seen before keep their cached frames.
     pub fn exec(&mut self, pid: u32) {

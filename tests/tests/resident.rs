@@ -348,3 +348,35 @@ fn oom_victim_report_is_written() {
     let p = process_by_comm(&report, COMM);
     assert!(p["memory"]["oom"].is_object(), "{p:#}");
 }
+
+/// A recording keeps the kernel side: `memtrace report FILE --view memory`
+/// explains the run exactly as the live report did.
+#[test]
+fn memory_view_from_a_recording_equals_live() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let file = TempPath::new("memory.mtr");
+    let record: Vec<&str> = vec!["--record", file.path().to_str().expect("UTF-8 temp path")];
+    let live = trace(&record, fixture("mem_fixture"), &["calloc-touch"]);
+    let mut argv: Vec<OsString> = vec!["report".into(), file.path().into()];
+    argv.extend(
+        ["--view", "memory"]
+            .iter()
+            .chain(&REPORT_ARGS)
+            .map(OsString::from),
+    );
+    let replay = Memtrace::run(argv);
+    replay.assert_status(0);
+    let replay = replay.json();
+    let (a, b) = (process_by_comm(&live, COMM), process_by_comm(&replay, COMM));
+    assert_eq!(explained(a), explained(b));
+    assert_eq!(a["resident"], b["resident"]);
+    assert_eq!(a["memory"]["faults"], b["memory"]["faults"]);
+    assert_eq!(a["memory"]["fault_stacks"], b["memory"]["fault_stacks"]);
+    assert_eq!(
+        field(explained(b), "allocated_resident"),
+        TOUCHED_BYTES - 16
+    );
+}
