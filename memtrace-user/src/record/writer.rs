@@ -119,7 +119,9 @@ impl Recorder {
             return false;
         }
         let pid = event.pid();
-        if self.pids.insert(pid) {
+        // A process is named at its first event, and again after an exec
+        // (a command started by memtrace is memtrace's fork until then).
+        if self.pids.insert(pid) || matches!(event, Event::Exec { .. }) {
             self.pending_pids.push(pid);
         }
         let mut stack = 0;
