@@ -374,12 +374,12 @@ fn frame_line(frames: &[Frame]) -> String {
 }
 
 fn line(out: &mut dyn Write, label: &str, bytes: u64, why: &str) -> io::Result<()> {
-    writeln!(
-        out,
+    let text = format!(
         "    {label:<38} {:>15} B {:>10}  {why}",
         group(bytes),
         human(bytes)
-    )
+    );
+    writeln!(out, "{}", text.trim_end())
 }
 
 /// The one-line resident summary under a process header.
