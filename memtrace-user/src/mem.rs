@@ -363,10 +363,22 @@ impl Memory {
             first.get_or_insert(region);
             self.regions.remove(&start);
             let cut = region.end.min(range.end) - start.max(range.start);
+            let (left, right) = (start < range.start, region.end > range.end);
             if let Some(id) = region.stack {
-                self.map_stacks[id as usize].stats.free(cut);
+                // A mapping cut in two counts as two; one cut away, as none.
+                let s = &mut self.map_stacks[id as usize].stats;
+                s.live_bytes = s.live_bytes.saturating_sub(cut);
+                s.freed_bytes += cut;
+                match (left, right) {
+                    (false, false) => {
+                        s.live_count = s.live_count.saturating_sub(1);
+                        s.freed_count += 1;
+                    }
+                    (true, true) => s.live_count += 1,
+                    _ => {}
+                }
             }
-            if start < range.start {
+            if left {
                 self.regions.insert(
                     start,
                     Region {
@@ -375,7 +387,7 @@ impl Memory {
                     },
                 );
             }
-            if region.end > range.end {
+            if right {
                 self.regions.insert(range.end, region);
             }
         }
@@ -772,7 +784,36 @@ mod tests {
         ));
         assert_eq!(m.regions.len(), 2);
         assert_eq!(m.map_stacks[0].stats.live_bytes, 7 * PAGE);
-        assert_eq!(m.map_stacks[0].stats.total_bytes, 10 * PAGE);
+        assert_eq!(m.map_stacks[0].stats.live_count, 2);
+        // Unmapping both pieces, and again, leaves nothing and no underflow.
+        for _ in 0..2 {
+            m.on_vm(&vm(
+                VmCall::Munmap {
+                    addr: base,
+                    len: 10 * PAGE,
+                },
+                false,
+            ));
+        }
+        assert_eq!(m.map_stacks[0].stats.live_bytes, 0);
+        assert_eq!(m.map_stacks[0].stats.live_count, 0);
+        m.on_vm(&mmap(base, 10 * PAGE, false));
+        for i in 0..10 {
+            m.on_rss(&rss(
+                RssMember::Anon,
+                (i + 1) * PAGE,
+                PAGE as i64,
+                Some(base + i * PAGE),
+            ));
+        }
+        m.on_vm(&vm(
+            VmCall::Munmap {
+                addr: base + 2 * PAGE,
+                len: 3 * PAGE,
+            },
+            false,
+        ));
+        assert_eq!(m.map_stacks[0].stats.total_bytes, 20 * PAGE);
         m.on_rss(&rss(RssMember::Anon, 7 * PAGE, -3 * PAGE as i64, None));
         let e = explain(&m, std::iter::empty(), 0);
         assert_eq!(e.other_anon, 7 * PAGE);
@@ -784,7 +825,8 @@ mod tests {
             },
             false,
         ));
-        assert_eq!(m.unknown_unmaps, 1);
+        // The second unmap of the whole range above, and this one.
+        assert_eq!(m.unknown_unmaps, 2);
     }
 
     #[test]

@@ -64,7 +64,16 @@ impl State {
         // kernel side's carry no stack to trigger it).
         if !self.symbols.knows(ev.pid()) && !matches!(ev, Event::Exit { .. }) {
             self.symbols.observe(ev.pid(), &[]);
+            // The kernel side reports RSS counters as they change: the
+            // ones that do not change yet come from /proc, once.
+            for seed in target::resident_now(ev.pid(), ev.ts_ns()) {
+                self.apply_one(&seed);
+            }
         }
+        self.apply_one(ev);
+    }
+
+    fn apply_one(&mut self, ev: &Event) {
         let new = self.agg.on_event(ev).is_some();
         // The recording keeps stacks outside the size filter too.
         let recorded_new = self.recorder.as_mut().is_some_and(|r| r.record(ev));
@@ -315,7 +324,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         state.symbols.observe(pid, &[]);
         // What is resident already: the kernel reports only changes.
         for ev in target::resident_now(pid, monotonic_ns()) {
-            state.apply(&ev);
+            state.apply_one(&ev);
         }
     }
     let mut child_status = child.as_ref().map(|c| target::wait_in_background(c.pid));
