@@ -15,12 +15,10 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
     programs::TracePointContext,
 };
-use memtrace_common::{
-    Counter, EVENT_ABI, Header, KmemKey, KmemOp, KmemOwner, KmemRecord, RecordKind,
-};
+use memtrace_common::{Counter, KmemKey, KmemOp, KmemOwner, KmemRecord, RecordKind};
 
 use crate::vm::field;
-use crate::{capture, count, output, traced};
+use crate::{capture, count, header, output, traced};
 
 /// Live kernel allocations of traced processes.
 #[map]
@@ -48,15 +46,7 @@ fn record(ctx: &TracePointContext, tgid: u32, tid: u32, op: KmemOp, key: &KmemKe
     };
     // SAFETY: this CPU's scratch slot.
     let rec = unsafe { &mut *rec };
-    rec.header = Header {
-        version: EVENT_ABI,
-        kind: RecordKind::Kmem as u16,
-        tgid,
-        tid,
-        _reserved: 0,
-        // SAFETY: helper without preconditions.
-        ts_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
-    };
+    rec.header = header(RecordKind::Kmem, ((tgid as u64) << 32) | tid as u64);
     rec.op = op as u16;
     rec.space = key.space;
     rec.addr = key.addr;

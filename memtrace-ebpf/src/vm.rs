@@ -23,8 +23,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use memtrace_common::{
-    Counter, EVENT_ABI, Header, PendingFault, RSS_FAULT, RSS_SAMPLED, RecordKind, RssLast,
-    RssRecord, VmInflight, VmOp, VmRecord,
+    Counter, PendingFault, RSS_FAULT, RSS_SAMPLED, RecordKind, RssLast, RssRecord, VmInflight,
+    VmOp, VmRecord,
 };
 
 use crate::{INFLIGHT, capture, count, output, traced};
@@ -144,7 +144,12 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
             // A process changing its own address space while it is not its
             // current one is tearing it down (exit, or the old one at
             // exec): its accounting ends with the exit or exec record.
-            Some(owner) if owner == current => return 0,
+            // Its hash may name a new address space once this one is
+            // freed: forget the owner now.
+            Some(owner) if owner == current => {
+                let _ = MM_OWNER.remove(mm_id);
+                return 0;
+            }
             Some(owner) => owner,
             // An address space whose owner is not known yet: a child being
             // forked, an exec building its new stack. Nothing is lost: the
@@ -187,16 +192,12 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: this CPU's scratch slot.
     let rec = unsafe { &mut *rec };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    rec.header = Header {
-        version: EVENT_ABI,
-        kind: RecordKind::Rss as u16,
-        tgid,
-        tid: pid_tgid as u32,
-        _reserved: 0,
-        ts_ns: now,
-    };
+    // The owner's record, made by the current thread.
+    rec.header = crate::header(
+        RecordKind::Rss,
+        ((tgid as u64) << 32) | (pid_tgid & 0xffff_ffff),
+    );
+    let now = rec.header.ts_ns;
     rec.member = member as u32;
     rec.flags = 0;
     rec.bytes = bytes;

@@ -173,8 +173,8 @@ fn mapped_file_read_is_file_resident() {
     let report = trace(&[], fixture("mem_fixture"), &["filemap", &path, &size]);
     let p = process_by_comm(&report, COMM);
     let e = explained(p);
-    assert!(field(e, "resident_file") >= FILEMAP_SIZE);
-    assert!(field(e, "resident_anon") < 8 * MIB);
+    assert!(field(e, "resident_file") >= FILEMAP_SIZE, "{e}");
+    assert!(field(e, "resident_anon") < 8 * MIB, "{e}");
     let mapping = array(&p["memory"], "mappings")
         .iter()
         .find(|m| m["backing"] == "file" && field(m, "bytes") == FILEMAP_SIZE)

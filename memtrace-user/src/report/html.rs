@@ -25,13 +25,13 @@
 
 use std::io::{self, Write};
 
-use super::memory::{MemoryReport, ResidentSummary};
+use super::memory::{self, MemoryReport, ResidentSummary};
 use super::svg::{escape, timeline_svg};
 use super::text::{STATS, frame, group, human, human_ns};
 use super::{
     Distribution, HistogramsReport, PeakReport, ProcessReport, Report, StackReport, TemporaryReport,
 };
-use crate::mem::{Backing, Explanation};
+use crate::mem::Backing;
 use crate::symbolize::Frame;
 
 /// Writes the report as one HTML page, with `flame_svg` (an SVG document,
@@ -315,7 +315,7 @@ impl Page<'_> {
             self.out,
             "<table class=\"mt-memory\"><tr><th></th><th>bytes</th><th>why</th></tr>"
         )?;
-        for (depth, label, why, needs_rss, v) in EXPLAINED {
+        for (depth, label, why, needs_rss, v) in memory::EXPLAINED {
             if known || !needs_rss {
                 self.memory_row(depth, label, v(e), why)?;
             }
@@ -636,34 +636,6 @@ impl Page<'_> {
     }
 }
 
-/// One line of the memory explanation: depth, label, why, whether it needs
-/// the resident figures (RSS), and its bytes.
-type Line = (
-    u8,
-    &'static str,
-    &'static str,
-    bool,
-    fn(&Explanation) -> u64,
-);
-
-/// The lines of the memory explanation, as the text report has them.
-#[rustfmt::skip]
-const EXPLAINED: [Line; 13] = [
-    (0, "allocated (heap, live)", "what the program asked malloc & co for and still holds", false, |e| e.allocated),
-    (1, "of which resident", "on pages the program touched", true, |e| e.allocated_resident),
-    (1, "of which never touched", "no fault on those pages: allocated, not resident (calloc, zeros)", true, |e| e.allocated_untouched),
-    (0, "resident (RSS)", "what the kernel holds in RAM", true, |e| e.resident),
-    (1, "anon", "private memory: the heap, stacks, anonymous mappings", true, |e| e.resident_anon),
-    (2, "allocator: retained, not allocated", "freed but kept by the allocator, and slack", true, |e| e.retained_by_allocator),
-    (2, "other anonymous mappings", "thread stacks, the program's own mmaps", true, |e| e.other_anon),
-    (2, "no fault seen", "resident before tracing, copied by fork, or populated", true, |e| e.anon_unattributed),
-    (1, "file", "code, libraries and mapped files", true, |e| e.resident_file),
-    (1, "shmem", "shared memory: tmpfs, memfd, shared anonymous mappings", true, |e| e.resident_shmem),
-    (0, "swap", "swapped out: not in RAM, not in RSS", true, |e| e.swap),
-    (0, "mapped (mmap/mremap while traced)", "address space; resident only where touched", false, |e| e.mapped),
-    (1, "by the allocator", "arenas and large blocks the allocator mapped", false, |e| e.mapped_by_allocator),
-];
-
 /// The resident summary under a process's header.
 fn resident_line(r: &ResidentSummary, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
@@ -832,6 +804,7 @@ mod tests {
             FaultStackReport, FaultSummary, KernelBytes, KernelReport, KernelStackReport,
             MappingReport, OomReport,
         };
+        use crate::mem::Explanation;
         let frame = |name: &str, address| Frame {
             function: Some(name.into()),
             address,

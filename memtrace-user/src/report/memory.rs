@@ -382,6 +382,34 @@ fn line(out: &mut dyn Write, label: &str, bytes: u64, why: &str) -> io::Result<(
     writeln!(out, "{}", text.trim_end())
 }
 
+/// One line of the memory explanation: depth, label, why, whether it needs
+/// the resident figures (RSS), and its bytes.
+pub(crate) type Line = (
+    u8,
+    &'static str,
+    &'static str,
+    bool,
+    fn(&Explanation) -> u64,
+);
+
+/// The lines of the memory explanation, shared by the text and HTML reports.
+#[rustfmt::skip]
+pub(crate) const EXPLAINED: [Line; 13] = [
+    (0, "allocated (heap, live)", "what the program asked malloc & co for and still holds", false, |e| e.allocated),
+    (1, "of which resident", "on pages the program touched", true, |e| e.allocated_resident),
+    (1, "of which never touched", "no fault on those pages: allocated, not resident (calloc, zeros)", true, |e| e.allocated_untouched),
+    (0, "resident (RSS)", "what the kernel holds in RAM", true, |e| e.resident),
+    (1, "anon", "private memory: the heap, stacks, anonymous mappings", true, |e| e.resident_anon),
+    (2, "allocator: retained, not allocated", "freed but kept by the allocator, and slack", true, |e| e.retained_by_allocator),
+    (2, "other anonymous mappings", "thread stacks, the program's own mmaps", true, |e| e.other_anon),
+    (2, "no fault seen", "resident before tracing, copied by fork, or populated", true, |e| e.anon_unattributed),
+    (1, "file", "code, libraries and mapped files", true, |e| e.resident_file),
+    (1, "shmem", "shared memory: tmpfs, memfd, shared anonymous mappings", true, |e| e.resident_shmem),
+    (0, "swap", "swapped out: not in RAM, not in RSS", true, |e| e.swap),
+    (0, "mapped (mmap/mremap while traced)", "address space; resident only where touched", false, |e| e.mapped),
+    (1, "by the allocator", "arenas and large blocks the allocator mapped", false, |e| e.mapped_by_allocator),
+];
+
 /// The one-line resident summary under a process header.
 pub fn render_summary(r: &ResidentSummary, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
@@ -413,59 +441,10 @@ pub fn render(m: &MemoryReport, out: &mut dyn Write) -> io::Result<()> {
         human(e.allocated),
         human(e.resident)
     )?;
-    line(
-        out,
-        "allocated (heap, live)",
-        e.allocated,
-        "what the program asked malloc & co for and still holds",
-    )?;
-    line(
-        out,
-        "  of which resident",
-        e.allocated_resident,
-        "on pages the program touched",
-    )?;
-    line(
-        out,
-        "  of which never touched",
-        e.allocated_untouched,
-        "no fault on those pages: allocated, not resident (calloc, zeros)",
-    )?;
-    line(
-        out,
-        "resident (RSS)",
-        e.resident,
-        "what the kernel holds in RAM",
-    )?;
-    line(out, "  anon", e.resident_anon, "")?;
-    line(
-        out,
-        "    allocator: retained, not allocated",
-        e.retained_by_allocator,
-        "freed but kept by the allocator, and slack",
-    )?;
-    line(
-        out,
-        "    other anonymous mappings",
-        e.other_anon,
-        "thread stacks, the program's own mmaps",
-    )?;
-    line(
-        out,
-        "    no fault seen",
-        e.anon_unattributed,
-        "resident before tracing, copied by fork, or populated",
-    )?;
-    line(
-        out,
-        "  file",
-        e.resident_file,
-        "code, libraries and mapped files",
-    )?;
-    line(out, "  shmem", e.resident_shmem, "")?;
-    line(out, "swap", e.swap, "")?;
-    line(out, "mapped (mmap/mremap while traced)", e.mapped, "")?;
-    line(out, "  by the allocator", e.mapped_by_allocator, "")?;
+    for (depth, label, why, _, v) in EXPLAINED {
+        let indent = "  ".repeat(depth as usize);
+        line(out, &format!("{indent}{label}"), v(e), why)?;
+    }
     if let Some(k) = &m.kernel {
         line(
             out,
