@@ -26,7 +26,9 @@ mod vm;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_F_USER_STACK,
+    bindings::{
+        BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, pt_regs,
+    },
     helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -51,6 +53,13 @@ static TRACE_ALL: u8 = 0;
 /// scoped by the kernel itself). Filled by the loader.
 #[map]
 static TRACED: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
+/// Bytes waiting in [`EVENTS`] past which a record wakes the reader. Below
+/// it records are written without a wakeup (a wakeup is an interrupt on the
+/// traced thread's CPU) and user space drains the ring on a short timer.
+/// The loader sets it to a fraction of the ring's size.
+#[unsafe(no_mangle)]
+static WAKE_BYTES: u64 = 1 << 20;
 
 /// Set by the loader so it can refuse an object built from other sources.
 #[unsafe(no_mangle)]
@@ -133,6 +142,54 @@ pub(crate) fn capture<C: EbpfContext>(
     }
 }
 
+/// The wakeup flag for a record written now (see [`WAKE_BYTES`]).
+#[inline(always)]
+pub(crate) fn wake_flags() -> u64 {
+    // SAFETY: as in `self_tgid`.
+    let wake_at = unsafe { core::ptr::read_volatile(&WAKE_BYTES) };
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wake_at {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// The user stack at a uprobe or uretprobe, by frame pointers: the probed
+/// instruction, then the return address of each frame up the `rbp` chain.
+///
+/// Not `bpf_get_stack`: the kernel's walker follows the chain until a read
+/// fails, and the outermost frame of nearly every program holds `rbp = 0`
+/// (`_start` clears it), so every walk ended in a page fault, which cost
+/// more here than the uprobe itself. This walk stops at a null, misaligned
+/// or non-increasing frame pointer (frames live at ever higher addresses),
+/// or at a read that fails.
+#[inline(always)]
+fn user_stack(regs: &pt_regs, frames: &mut [u64; MAX_FRAMES]) -> u16 {
+    frames[0] = regs.rip;
+    let mut fp = regs.rbp;
+    let mut n = 1;
+    while n < MAX_FRAMES {
+        if fp == 0 || fp & 7 != 0 {
+            break;
+        }
+        // [fp] is the caller's frame pointer, [fp + 8] the return address.
+        // SAFETY: reads user memory through a checked helper.
+        let Ok(frame) = (unsafe { bpf_probe_read_user(fp as *const [u64; 2]) }) else {
+            break;
+        };
+        if frame[1] == 0 {
+            break;
+        }
+        frames[n] = frame[1];
+        n += 1;
+        if frame[0] <= fp {
+            break;
+        }
+        fp = frame[0];
+    }
+    n as u16
+}
+
 /// Sends the first `len` bytes of `rec` (a variable-length record), counting
 /// a full ring buffer.
 #[inline(always)]
@@ -144,7 +201,7 @@ pub(crate) fn output<T>(rec: &T, len: usize) {
     };
     // SAFETY: `len` never exceeds the record's size.
     let data = unsafe { core::slice::from_raw_parts((rec as *const T).cast::<u8>(), len) };
-    if EVENTS.output::<[u8]>(data, 0).is_err() {
+    if EVENTS.output::<[u8]>(data, wake_flags()).is_err() {
         count(Counter::RingbufFull);
     }
 }
@@ -269,11 +326,9 @@ fn on_return(ctx: &RetProbeContext, func: AllocFn) -> u32 {
             }
         }
     }
-    if depth == 0 {
-        let _ = INFLIGHT.remove(tid);
-    } else {
-        st.depth = depth as u64;
-    }
+    // The thread's entry stays (at depth 0) until the thread exits: a map
+    // insert and delete on every call cost more than the rest of the probe.
+    st.depth = depth as u64;
     let Some(call) = found else {
         count(Counter::ReturnWithoutEntry);
         return 0;
@@ -339,10 +394,11 @@ fn emit_alloc(
     rec.func = call.func;
     // At the return probe the registers are the caller's: the first frame is
     // the return address into the caller, and its frame chain is intact.
-    let (n, err) = capture(ctx, &mut rec.frames, true);
-    rec.nframes = n;
-    rec.stack_err = err;
-    output(rec, AllocRecord::FIXED_LEN + 8 * n as usize);
+    // SAFETY: uretprobe contexts are `pt_regs`.
+    let regs = unsafe { &*(ctx.as_ptr() as *const pt_regs) };
+    rec.nframes = user_stack(regs, &mut rec.frames);
+    rec.stack_err = 0;
+    output(rec, AllocRecord::FIXED_LEN + 8 * rec.nframes as usize);
 }
 
 /// Writes one fixed-size record, counting a full ring buffer.
@@ -352,7 +408,7 @@ pub(crate) fn submit<T: 'static>(fill: impl FnOnce(&mut T)) {
         Some(mut entry) => {
             // SAFETY: `fill` writes every field before the entry is submitted.
             fill(unsafe { &mut *entry.as_mut_ptr() });
-            entry.submit(0);
+            entry.submit(wake_flags());
         }
         None => count(Counter::RingbufFull),
     }
@@ -497,6 +553,18 @@ pub fn operator_new_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn operator_new_exit(ctx: RetProbeContext) -> u32 {
     on_return(&ctx, AllocFn::OperatorNew)
+}
+
+/// Benchmarks only (`cargo xtask bench`): programs that do nothing, put on
+/// the same probe points as the real ones, measure what the traps alone
+/// cost. memtrace never loads them.
+#[uprobe]
+pub fn floor_enter(_ctx: ProbeContext) -> u32 {
+    0
+}
+#[uretprobe]
+pub fn floor_exit(_ctx: RetProbeContext) -> u32 {
+    0
 }
 
 #[cfg(not(test))]

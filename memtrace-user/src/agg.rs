@@ -17,10 +17,13 @@
 
 use std::collections::HashMap;
 
+use std::hash::BuildHasher;
+
 use hdrhistogram::Histogram;
 
 use memtrace_common::KmemOp;
 
+use crate::dist::Compact;
 use crate::event::{Alloc, Event};
 use crate::mem::{Memory, NewKind};
 
@@ -84,9 +87,6 @@ pub const DEFAULT_FAULT_SAMPLE: u32 = 32;
 
 /// Precision of per-process histograms (significant decimal digits).
 const PROCESS_SIGFIG: u8 = 3;
-/// Precision of per-stack histograms: 2 digits (1% buckets) keeps one
-/// stack's pair of histograms to a few tens of KiB.
-const STACK_SIGFIG: u8 = 2;
 
 fn histogram(sigfig: u8) -> Histogram<u64> {
     Histogram::new(sigfig).expect("2 or 3 significant digits is a valid precision")
@@ -169,8 +169,18 @@ pub struct StackStats {
     pub stats: Stats,
     /// Blocks from here freed within the temporary threshold.
     pub temporary: Temporary,
-    /// Size and lifetime distributions.
-    pub dist: Distributions,
+    /// Size and lifetime distributions (compact while small: a process
+    /// may have hundreds of thousands of stacks).
+    pub dist: StackDistributions,
+}
+
+/// Size and lifetime distributions of one stack.
+#[derive(Clone, Debug, Default)]
+pub struct StackDistributions {
+    /// Allocation sizes, bytes.
+    pub sizes: Compact,
+    /// Lifetimes of freed blocks, ns.
+    pub lifetimes: Compact,
 }
 
 /// The high-water mark of a process's live bytes.
@@ -291,9 +301,13 @@ pub struct Process {
     pub last_ts_ns: u64,
     /// What the kernel side reported: RSS, mappings, faults, kernel memory.
     pub mem: Memory,
-    live: HashMap<u64, Block>,
+    /// Live blocks by address (hashbrown's default hasher, foldhash: this
+    /// map is touched by every event, and SipHash costs more than the rest).
+    live: hashbrown::HashMap<u64, Block>,
     stacks: Vec<StackStats>,
-    stack_ids: HashMap<Box<[u64]>, StackId>,
+    /// Ids of `stacks` by their frames, which live only in `stacks`.
+    stack_ids: hashbrown::HashTable<StackId>,
+    hasher: hashbrown::DefaultHashBuilder,
 }
 
 impl Process {
@@ -312,9 +326,10 @@ impl Process {
             timeline: Timeline::new(ts_ns),
             last_ts_ns: ts_ns,
             mem: Memory::default(),
-            live: HashMap::new(),
+            live: hashbrown::HashMap::new(),
             stacks: Vec::new(),
-            stack_ids: HashMap::new(),
+            stack_ids: hashbrown::HashTable::new(),
+            hasher: hashbrown::DefaultHashBuilder::default(),
         }
     }
 
@@ -354,18 +369,25 @@ impl Process {
     }
 
     fn intern(&mut self, frames: &[u64]) -> (StackId, bool) {
-        if let Some(&id) = self.stack_ids.get(frames) {
+        let hash = self.hasher.hash_one(frames);
+        let stacks = &self.stacks;
+        if let Some(&id) = self
+            .stack_ids
+            .find(hash, |&id| &*stacks[id as usize].frames == frames)
+        {
             return (id, false);
         }
         let id = self.stacks.len() as StackId;
-        let frames: Box<[u64]> = frames.into();
         self.stacks.push(StackStats {
-            frames: frames.clone(),
+            frames: frames.into(),
             stats: Stats::default(),
             temporary: Temporary::default(),
-            dist: Distributions::new(STACK_SIGFIG),
+            dist: StackDistributions::default(),
         });
-        self.stack_ids.insert(frames, id);
+        let (stacks, hasher) = (&self.stacks, &self.hasher);
+        self.stack_ids.insert_unique(hash, id, |&id| {
+            hasher.hash_one(&*stacks[id as usize].frames)
+        });
         (id, true)
     }
 
@@ -386,7 +408,7 @@ impl Process {
         stack.stats.free(block.size);
         if let Some(ts) = freed_at {
             let lifetime = ts.saturating_sub(block.ts_ns);
-            let _ = stack.dist.lifetimes.record(lifetime);
+            stack.dist.lifetimes.record(lifetime);
             let _ = self.dist.lifetimes.record(lifetime);
             if lifetime <= temporary_ns {
                 for t in [&mut stack.temporary, &mut self.temporary] {
@@ -454,7 +476,7 @@ impl Process {
             self.size_range = Some((lo.min(a.size), hi.max(a.size)));
             let stack = &mut self.stacks[id as usize];
             stack.stats.alloc(a.size);
-            let _ = stack.dist.sizes.record(a.size);
+            stack.dist.sizes.record(a.size);
             if self.totals.live_bytes > self.peak.bytes {
                 self.peak.bytes = self.totals.live_bytes;
                 self.peak.count = self.totals.live_count;

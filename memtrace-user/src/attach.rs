@@ -19,6 +19,7 @@ use object::{Object, ObjectSegment, ObjectSymbol};
 
 use crate::error::{Result, UserError};
 use crate::maps::{self, Mapping};
+use crate::probe_point;
 
 /// Which allocator a library provides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -231,8 +232,12 @@ pub fn display_name(symbol: &str) -> &str {
 pub struct Site {
     /// What to probe.
     pub want: Want,
-    /// Offset in the file.
+    /// Offset of the function's entry in the file.
     pub offset: u64,
+    /// Offset in the file of the instruction probed: the entry, or a
+    /// little past it where the kernel emulates the instruction (see
+    /// [`probe_point`]).
+    pub probe: u64,
     /// Other wanted names at the same offset (probed once, under `want`).
     pub aliases: Vec<&'static str>,
 }
@@ -244,13 +249,13 @@ pub fn find_sites(
     wants: &[Want],
 ) -> std::result::Result<(Vec<Site>, Vec<&'static str>), object::Error> {
     let file = object::File::parse(data)?;
-    let mut addr_of: HashMap<&str, u64> = HashMap::new();
+    let mut addr_of: HashMap<&str, (u64, u64)> = HashMap::new();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if sym.is_definition()
             && sym.address() != 0
             && let Ok(name) = sym.name()
         {
-            addr_of.entry(name).or_insert(sym.address());
+            addr_of.entry(name).or_insert((sym.address(), sym.size()));
         }
     }
     let to_offset = |vaddr: u64| {
@@ -263,17 +268,31 @@ pub fn find_sites(
     let mut sites: Vec<Site> = Vec::new();
     let mut missing = Vec::new();
     for w in wants {
-        let Some(offset) = addr_of.get(w.symbol).and_then(|a| to_offset(*a)) else {
+        let Some((offset, size)) = addr_of
+            .get(w.symbol)
+            .and_then(|&(a, size)| Some((to_offset(a)?, size)))
+        else {
             missing.push(w.symbol);
             continue;
         };
         match sites.iter_mut().find(|s| s.offset == offset) {
             Some(s) => s.aliases.push(w.symbol),
-            None => sites.push(Site {
-                want: *w,
-                offset,
-                aliases: Vec::new(),
-            }),
+            None => {
+                // Unknown sizes (0) are read as "at least what is decoded".
+                let end = match size {
+                    0 => data.len(),
+                    n => (offset + n) as usize,
+                };
+                let code = data
+                    .get(offset as usize..end.min(data.len()))
+                    .unwrap_or(&[]);
+                sites.push(Site {
+                    want: *w,
+                    offset,
+                    probe: offset + probe_point::probe_offset(code),
+                    aliases: Vec::new(),
+                })
+            }
         }
     }
     Ok((sites, missing))

@@ -73,8 +73,9 @@ pub struct TargetArgs {
     #[arg(short, long, value_name = "SECONDS")]
     pub duration: Option<f64>,
 
-    /// Size of the kernel-to-user ring buffer, in MiB (a power of two).
-    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    /// Size of the kernel-to-user ring buffer, in MiB (a power of two). It
+    /// counts twice in memtrace's RSS (the kernel maps its pages twice).
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
     pub ringbuf_size: u32,
 
     /// Take the user stack of one page fault in N (which code made memory

@@ -148,6 +148,9 @@ impl Tracer {
         let self_tgid = std::process::id();
         let trace_all = opts.all_processes as u8;
         let fault_sample = opts.fault_sample.max(1);
+        // Records wake memtrace only once an eighth of the ring is waiting;
+        // the rest of the time it drains the ring on a timer (`session`).
+        let wake_bytes = u64::from(ringbuf_bytes / 8);
         let tracefs_root = tracefs::ensure_mounted()?;
         tracefs::check(&tracefs_root, tracefs::FIELDS)?;
         if opts.kernel_allocations {
@@ -157,6 +160,7 @@ impl Tracer {
             .override_global("SELF_TGID", &self_tgid, true)
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("FAULT_SAMPLE", &fault_sample, true)
+            .override_global("WAKE_BYTES", &wake_bytes, true)
             .map_max_entries("EVENTS", ringbuf_bytes)
             .load(EBPF_OBJECT)
             .map_err(|e| {
@@ -252,6 +256,10 @@ impl Tracer {
                 name.push('=');
                 name.push_str(display_name(a));
             }
+            // Probed past the entry, at an instruction the kernel emulates.
+            if site.probe != site.offset {
+                name.push_str(&format!("+{}", site.probe - site.offset));
+            }
             functions.push(name);
         }
         Ok(Probes {
@@ -274,20 +282,8 @@ impl Tracer {
             }
         };
         for name in names {
-            let prog: &mut UProbe = program(&mut self.ebpf, name)?
-                .try_into()
-                .map_err(|e| internal(name, e))?;
-            let id = prog.attach(site.offset, &lib.path, scope).map_err(|e| {
-                UserError::new(
-                    format!(
-                        "attaching {name} to {} at offset {:#x} ({}) failed: {e}",
-                        lib.display, site.offset, site.want.symbol
-                    ),
-                    "the kernel needs CONFIG_UPROBE_EVENTS; is the library on a filesystem that supports uprobes?",
-                )
-            })?;
-            self.links
-                .push(prog.take_link(id).map_err(|e| internal(name, e))?);
+            let link = attach_uprobe(&mut self.ebpf, name, site, lib, scope)?;
+            self.links.push(link);
         }
         Ok(())
     }
@@ -329,6 +325,74 @@ impl Tracer {
                 (*c, sum)
             })
             .collect()
+    }
+}
+
+/// Attaches program `name` at `site`'s probe point.
+fn attach_uprobe(
+    ebpf: &mut Ebpf,
+    name: &str,
+    site: &Site,
+    lib: &Library,
+    scope: UProbeScope,
+) -> Result<UProbeLink> {
+    let prog: &mut UProbe = program(ebpf, name)?
+        .try_into()
+        .map_err(|e| internal(name, e))?;
+    let id = prog.attach(site.probe, &lib.path, scope).map_err(|e| {
+        UserError::new(
+            format!(
+                "attaching {name} to {} at offset {:#x} ({}+{}) failed: {e}",
+                lib.display,
+                site.probe,
+                site.want.symbol,
+                site.probe - site.offset
+            ),
+            "the kernel needs CONFIG_UPROBE_EVENTS; is the library on a filesystem that supports uprobes?",
+        )
+    })?;
+    prog.take_link(id).map_err(|e| internal(name, e))
+}
+
+/// The cost floor of tracing, for `cargo xtask bench`: programs that do
+/// nothing on exactly the probe points memtrace uses (entry and return of
+/// each allocator function, `free`'s entry), so the traps alone are
+/// measured. Detaches when dropped.
+pub struct Floor {
+    _ebpf: Ebpf,
+    _links: Vec<UProbeLink>,
+}
+
+impl Floor {
+    /// Probes the allocator functions of `libs` in process `pid`.
+    pub fn attach(libs: &[Library], pid: u32) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("EVENTS", 4096)
+            .load(EBPF_OBJECT)
+            .map_err(|e| internal("the eBPF object", e))?;
+        for name in ["floor_enter", "floor_exit"] {
+            let prog: &mut UProbe = program(&mut ebpf, name)?
+                .try_into()
+                .map_err(|e| internal(name, e))?;
+            prog.load().map_err(|e| load_error(name, &e))?;
+        }
+        let scope = UProbeScope::OneProcess(
+            NonZeroU32::new(pid).ok_or_else(|| internal("the floor", "pid 0"))?,
+        );
+        let mut links = Vec::new();
+        for lib in libs {
+            let (sites, _) = sites_of(lib, Some(pid))?;
+            for site in &sites {
+                links.push(attach_uprobe(&mut ebpf, "floor_enter", site, lib, scope)?);
+                if site.want.func.is_some() {
+                    links.push(attach_uprobe(&mut ebpf, "floor_exit", site, lib, scope)?);
+                }
+            }
+        }
+        Ok(Self {
+            _ebpf: ebpf,
+            _links: links,
+        })
     }
 }
 

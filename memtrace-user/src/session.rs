@@ -32,6 +32,9 @@ use crate::target::{self, GatedChild};
 /// Records handled between two looks at timers and signals.
 const BATCH: usize = 16 * 1024;
 
+/// How often the ring buffer is drained without a wakeup.
+const POLL: Duration = Duration::from_millis(10);
+
 /// Why tracing stopped.
 enum Stop {
     Signal,
@@ -350,6 +353,11 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     let mut next_report = period.map(|p| tokio::time::Instant::now() + p);
     let mut liveness = tokio::time::interval(Duration::from_millis(250));
     let mut flush = tokio::time::interval(Duration::from_secs(1));
+    // Records do not wake memtrace until an eighth of the ring is full (a
+    // wakeup per record costs the traced thread an interrupt); this timer
+    // keeps what waits fresh.
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The most records the ring can hold (the smallest is 24 bytes, plus the
     // kernel's 8-byte record header).
     let backlog = ((target_args.ringbuf_size as usize) << 20) / 32;
@@ -363,10 +371,9 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
                 if state.drain(guard.get_inner_mut(), BATCH) {
                     guard.clear_ready();
                 }
-                if !state.oom_victims.is_empty() {
-                    let now = Snapshot::take(&tracer, &state, start_ns);
-                    write_oom_reports(target_args, &mut state, &probes, &now, start_ns);
-                }
+            }
+            _ = poll.tick() => {
+                state.drain(ring.get_mut(), BATCH);
             }
             _ = sigint.recv() => break Stop::Signal,
             _ = sigterm.recv() => break Stop::Signal,
@@ -389,6 +396,10 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
                     break Stop::TargetsExited;
                 }
             }
+        }
+        if !state.oom_victims.is_empty() {
+            let now = Snapshot::take(&tracer, &state, start_ns);
+            write_oom_reports(target_args, &mut state, &probes, &now, start_ns);
         }
     };
     // What the ring holds now, not what a busy host keeps adding.

@@ -740,8 +740,8 @@ fn histograms_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> Hi
             .map(|&i| {
                 let s = &p.stacks()[i];
                 StackHistograms {
-                    sizes: Distribution::of(&s.dist.sizes),
-                    lifetimes: Distribution::of(&s.dist.lifetimes),
+                    sizes: Distribution::of(&s.dist.sizes.histogram()),
+                    lifetimes: Distribution::of(&s.dist.lifetimes.histogram()),
                     frames: sym.frames(p.pid, &s.frames),
                 }
             })
