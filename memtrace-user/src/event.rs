@@ -516,41 +516,65 @@ fn decode_kmem(bytes: &[u8]) -> Result<Event, DecodeError> {
     }))
 }
 
+/// Encodes an allocation as the kernel side writes it (for tests and
+/// benchmarks of the decoder).
+pub fn encode_alloc(a: &Alloc) -> Vec<u8> {
+    let mut rec = AllocRecord {
+        header: Header {
+            version: EVENT_ABI,
+            kind: RecordKind::Alloc as u16,
+            tgid: a.pid,
+            tid: a.tid,
+            _reserved: 0,
+            ts_ns: a.ts_ns,
+        },
+        addr: a.addr,
+        size: a.size,
+        old_addr: a.old_addr.unwrap_or(0),
+        entry_ts_ns: a.entry_ts_ns,
+        func: a.func as u16,
+        nframes: a.stack.len() as u16,
+        stack_err: 0,
+        frames: [0; MAX_FRAMES],
+    };
+    rec.frames[..a.stack.len()].copy_from_slice(&a.stack);
+    // SAFETY: a `#[repr(C)]` record without padding, viewed as bytes.
+    let all = unsafe {
+        std::slice::from_raw_parts(
+            (&rec as *const AllocRecord).cast::<u8>(),
+            size_of::<AllocRecord>(),
+        )
+    };
+    all[..AllocRecord::FIXED_LEN + 8 * a.stack.len()].to_vec()
+}
+
+/// Encodes `free(addr)` as the kernel side writes it (for tests and
+/// benchmarks of the decoder).
+pub fn encode_free(pid: u32, tid: u32, ts_ns: u64, addr: u64) -> Vec<u8> {
+    let rec = FreeRecord {
+        header: Header {
+            version: EVENT_ABI,
+            kind: RecordKind::Free as u16,
+            tgid: pid,
+            tid,
+            _reserved: 0,
+            ts_ns,
+        },
+        addr,
+    };
+    // SAFETY: a `#[repr(C)]` record without padding, viewed as bytes.
+    unsafe {
+        std::slice::from_raw_parts(
+            (&rec as *const FreeRecord).cast::<u8>(),
+            size_of::<FreeRecord>(),
+        )
+    }
+    .to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use memtrace_common::{AllocRecord, Header, RecordKind};
-
-    /// Encodes an allocation as the kernel side would.
-    fn encode_alloc(a: &Alloc) -> Vec<u8> {
-        let mut rec = AllocRecord {
-            header: Header {
-                version: EVENT_ABI,
-                kind: RecordKind::Alloc as u16,
-                tgid: a.pid,
-                tid: a.tid,
-                _reserved: 0,
-                ts_ns: a.ts_ns,
-            },
-            addr: a.addr,
-            size: a.size,
-            old_addr: a.old_addr.unwrap_or(0),
-            entry_ts_ns: a.entry_ts_ns,
-            func: a.func as u16,
-            nframes: a.stack.len() as u16,
-            stack_err: 0,
-            frames: [0; memtrace_common::MAX_FRAMES],
-        };
-        rec.frames[..a.stack.len()].copy_from_slice(&a.stack);
-        // SAFETY: a `#[repr(C)]` record without padding, viewed as bytes.
-        let all = unsafe {
-            std::slice::from_raw_parts(
-                (&rec as *const AllocRecord).cast::<u8>(),
-                size_of::<AllocRecord>(),
-            )
-        };
-        all[..AllocRecord::FIXED_LEN + 8 * a.stack.len()].to_vec()
-    }
 
     fn alloc() -> Alloc {
         Alloc {

@@ -1,10 +1,12 @@
-//! `cargo xtask`: memtrace's developer tasks (setup, build, run, test, clippy).
+//! `cargo xtask`: memtrace's developer tasks (setup, build, run, test, clippy,
+//! bench).
 //!
 //! This file only parses the command line and dispatches to one module per
 //! subcommand; the work is in those modules. Every subcommand that builds runs
 //! `setup` first, so one command is enough on a fresh machine. Nothing here
 //! calls `sudo`: run as root where root is needed.
 
+mod bench;
 mod build;
 mod clippy;
 mod run;
@@ -60,6 +62,22 @@ enum Command {
     },
     /// Run clippy with `-D warnings` on the host crates and the eBPF crate.
     Clippy,
+    /// Run setup (with bpftrace), build, and measure what tracing costs (as
+    /// root): per-call cost against the probe floor and bpftrace, pipeline
+    /// throughput, sustained rate without loss, footprint, attach latency.
+    ///
+    /// Prints a report and writes it to target/bench/report.md.
+    Bench {
+        /// Repetitions of the per-call cost measurement.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// malloc+free pairs per cost run.
+        #[arg(long, default_value_t = 200_000)]
+        pairs: u64,
+        /// Seconds each sustained rate runs.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 fn main() {
@@ -71,6 +89,15 @@ fn main() {
         Command::Run { args } => run::run(&args),
         Command::Test { args } => test::run(&args),
         Command::Clippy => clippy::run(),
+        Command::Bench {
+            reps,
+            pairs,
+            seconds,
+        } => bench::run(&bench::Options {
+            reps,
+            pairs,
+            seconds,
+        }),
     };
     // The error chain on one line, without a backtrace: failures here are
     // failed commands, whose output is just above.

@@ -60,6 +60,24 @@ pub fn for_tests() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Debian packages `cargo xtask bench` needs besides the build's: bpftrace
+/// runs the memleak-style script memtrace is compared with.
+const BENCH_PACKAGES: &[&str] = &["bpftrace"];
+
+/// What the benchmarks need too.
+pub fn for_bench() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    let all: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .chain(BENCH_PACKAGES)
+        .copied()
+        .collect();
+    debian_packages(&all)?;
+    tracefs();
+    Ok(())
+}
+
 fn rustup() -> Command {
     let mut cmd = Command::new("rustup");
     // Never let rustup download a toolchain behind our back.
