@@ -173,8 +173,9 @@ pub struct AllocRecord {
     pub size: u64,
     /// The pointer a realloc-family call was given; zero otherwise.
     pub old_addr: u64,
-    /// `bpf_ktime_get_ns()` at the call's entry. User space needs it to order
-    /// a realloc's implicit free against allocations of other threads.
+    /// `bpf_ktime_get_ns()` at the entry of a realloc-family call (zero for
+    /// the others). User space needs it to order a realloc's implicit free
+    /// against allocations of other threads.
     pub entry_ts_ns: u64,
     /// An [`AllocFn`] discriminant.
     pub func: u16,

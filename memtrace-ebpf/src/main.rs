@@ -280,8 +280,14 @@ fn on_entry(ctx: &ProbeContext, func: AllocFn, size: u64, arg: u64) -> u32 {
         sp,
         size,
         arg,
-        // SAFETY: helper without preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+        // Only a realloc's start time is ever read (user space tells a
+        // block handed out again mid-realloc by it); a clock read costs.
+        ts_ns: if matches!(func, AllocFn::Realloc | AllocFn::Reallocarray) {
+            // SAFETY: helper without preconditions.
+            unsafe { bpf_ktime_get_ns() }
+        } else {
+            0
+        },
         func: func as u16,
         nested: (depth > 0) as u16,
         _pad: 0,

@@ -16,16 +16,10 @@ use hdrhistogram::Histogram;
 /// Distinct values kept exactly before switching to a histogram.
 const FEW: usize = 3;
 
-/// Precision of the histograms: 2 significant digits (1% buckets).
-pub const SIGFIG: u8 = 2;
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new(SIGFIG).expect("2 significant digits is a valid precision")
-}
-
-/// A distribution of u64 values.
+/// A distribution of u64 values, held once it needs a histogram at `SIGFIG`
+/// significant digits (1 to 5).
 #[derive(Clone, Debug)]
-pub struct Compact(Repr);
+pub struct Compact<const SIGFIG: u8>(Repr);
 
 #[derive(Clone, Debug)]
 enum Repr {
@@ -37,7 +31,7 @@ enum Repr {
     Full(Box<Histogram<u64>>),
 }
 
-impl Default for Compact {
+impl<const SIGFIG: u8> Default for Compact<SIGFIG> {
     fn default() -> Self {
         Self(Repr::Few {
             len: 0,
@@ -46,7 +40,7 @@ impl Default for Compact {
     }
 }
 
-impl Compact {
+impl<const SIGFIG: u8> Compact<SIGFIG> {
     /// Counts one value.
     pub fn record(&mut self, v: u64) {
         match &mut self.0 {
@@ -58,7 +52,7 @@ impl Compact {
                     vals[*len as usize] = (v, 1);
                     *len += 1;
                 } else {
-                    let mut h = fill(&vals[..]);
+                    let mut h = fill(SIGFIG, &vals[..]);
                     // An auto-resizing histogram takes any u64.
                     let _ = h.record(v);
                     self.0 = Repr::Full(Box::new(h));
@@ -86,14 +80,14 @@ impl Compact {
     /// The distribution as a histogram (built on the spot while small).
     pub fn histogram(&self) -> Cow<'_, Histogram<u64>> {
         match &self.0 {
-            Repr::Few { len, vals } => Cow::Owned(fill(&vals[..*len as usize])),
+            Repr::Few { len, vals } => Cow::Owned(fill(SIGFIG, &vals[..*len as usize])),
             Repr::Full(h) => Cow::Borrowed(h),
         }
     }
 }
 
-fn fill(vals: &[(u64, u64)]) -> Histogram<u64> {
-    let mut h = histogram();
+fn fill(sigfig: u8, vals: &[(u64, u64)]) -> Histogram<u64> {
+    let mut h = Histogram::new(sigfig).expect("a precision of 1 to 5 digits");
     for &(v, n) in vals {
         let _ = h.record_n(v, n);
     }
@@ -106,7 +100,7 @@ mod tests {
 
     #[test]
     fn few_values_stay_exact_and_more_become_a_histogram() {
-        let mut c = Compact::default();
+        let mut c = Compact::<2>::default();
         assert!(c.is_empty());
         for v in [64, 64, 128, 4096] {
             c.record(v);
@@ -125,6 +119,6 @@ mod tests {
 
     #[test]
     fn a_small_distribution_costs_no_more_than_its_inline_values() {
-        assert!(size_of::<Compact>() <= 8 + FEW * 16);
+        assert!(size_of::<Compact<2>>() <= 8 + FEW * 16);
     }
 }

@@ -241,7 +241,7 @@ pub struct Alloc {
     pub tid: u32,
     /// When the call returned.
     pub ts_ns: u64,
-    /// When the call was entered.
+    /// When the call was entered: realloc-family calls only, else 0.
     pub entry_ts_ns: u64,
     /// The new block.
     pub addr: u64,
