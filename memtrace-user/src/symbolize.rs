@@ -208,8 +208,11 @@ impl Symbols {
 
     fn refresh(&mut self, pid: u32) {
         let Ok(mut maps) = maps::read(pid) else {
+            // Only a process that is gone stays unreadable: a read that
+            // fails while it lives (mid-exec, say) is retried at its next
+            // stack.
             if let Some(p) = self.procs.get_mut(&pid) {
-                p.gone = true;
+                p.gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
             }
             return;
         };
