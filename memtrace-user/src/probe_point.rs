@@ -95,10 +95,10 @@ fn emulated(bytes: &[u8], flow: FlowControl) -> bool {
     if bytes[..prefixes].contains(&0x66) {
         return false;
     }
-    let relative = match &bytes[prefixes..] {
-        [0xeb | 0xe9 | 0xe8, ..] | [0x70..=0x7f, ..] | [0x0f, 0x80..=0x8f, ..] => true,
-        _ => false,
-    };
+    let relative = matches!(
+        &bytes[prefixes..],
+        [0xeb | 0xe9 | 0xe8, ..] | [0x70..=0x7f, ..] | [0x0f, 0x80..=0x8f, ..]
+    );
     relative
         && matches!(
             flow,
