@@ -69,8 +69,11 @@ static ABI_VERSION: u16 = EVENT_ABI;
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 
-/// Calls in flight, per thread id. An entry exists only while a thread is
-/// inside a traced call.
+/// Calls in flight, per thread id. A thread's entry is made at its first
+/// traced call and removed when the thread exits (`lifecycle`), not after
+/// each call: an insert and a delete per call cost more than the rest of
+/// the probe. A host with more than 16,384 live threads that allocate loses
+/// the calls of the others (`inflight_full`).
 #[map]
 pub(crate) static INFLIGHT: HashMap<u32, InflightStack> = HashMap::with_max_entries(16384, 0);
 
