@@ -174,17 +174,14 @@ pub struct StackStats {
     pub dist: StackDistributions,
 }
 
-/// Size and lifetime distributions of one stack: sizes to 2 significant
-/// digits (1% buckets), lifetimes to 1 (10% buckets). Lifetimes spread over
-/// nine decades, and at 2 digits one stack's histogram took 30 KiB: with
-/// thousands of stacks, more memory than the live blocks, and a cache miss
-/// on every free.
+/// Size and lifetime distributions of one stack, to 2 significant digits
+/// (1% buckets).
 #[derive(Clone, Debug, Default)]
 pub struct StackDistributions {
     /// Allocation sizes, bytes.
     pub sizes: Compact<2>,
     /// Lifetimes of freed blocks, ns.
-    pub lifetimes: Compact<1>,
+    pub lifetimes: Compact<2>,
 }
 
 /// The high-water mark of a process's live bytes.
