@@ -582,13 +582,16 @@ struct Footprint {
 fn footprint(bins: &Bins) -> anyhow::Result<Footprint> {
     const STACKS: u64 = 100_000;
     const PER: u64 = 10;
+    // Named, not left to memtrace's default, so the report can say what
+    // share of the RSS the ring is (the kernel maps its pages twice).
+    const RING_MIB: u64 = 16;
     eprintln!(
         "footprint: {} live blocks from {STACKS} stacks",
         STACKS * PER
     );
     let (report, _, rss_kib) = under_memtrace(
         bins,
-        &["--top", "1"],
+        &["--top", "1", "--ringbuf-size", &RING_MIB.to_string()],
         &["stacks", &STACKS.to_string(), &PER.to_string()],
     )?;
     let p = &report["processes"][0];
@@ -605,7 +608,7 @@ fn footprint(bins: &Bins) -> anyhow::Result<Footprint> {
         live,
         stacks,
         peak_rss_mib: rss_kib as f64 / 1024.0,
-        ring_mib: 2 * 16,
+        ring_mib: 2 * RING_MIB,
     })
 }
 
