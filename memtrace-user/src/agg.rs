@@ -25,6 +25,7 @@ use memtrace_common::KmemOp;
 
 use crate::dist::Compact;
 use crate::event::{Alloc, Event};
+use crate::live::{Block, LiveBlocks};
 use crate::mem::{Memory, NewKind};
 
 /// Index of an interned stack within its process.
@@ -125,13 +126,6 @@ impl Stats {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Block {
-    size: u64,
-    stack: StackId,
-    ts_ns: u64,
-}
-
 /// Allocations freed soon after they were made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Temporary {
@@ -163,8 +157,13 @@ impl Distributions {
 /// One stack of a process and its accounting.
 #[derive(Debug)]
 pub struct StackStats {
-    /// Raw user return addresses, innermost first.
-    pub frames: Box<[u64]>,
+    /// Its return addresses, innermost first, as indices into the
+    /// process's table of distinct addresses ([`Process::frames`] gives
+    /// them back): a process has few distinct return addresses and may have
+    /// hundreds of thousands of stacks, so half the bytes.
+    frames: Box<[u32]>,
+    /// Hash of the raw addresses, kept for the id table's resizes.
+    hash: u64,
     /// Its accounting.
     pub stats: Stats,
     /// Blocks from here freed within the temporary threshold.
@@ -302,12 +301,14 @@ pub struct Process {
     pub last_ts_ns: u64,
     /// What the kernel side reported: RSS, mappings, faults, kernel memory.
     pub mem: Memory,
-    /// Live blocks by address (hashbrown's default hasher, foldhash: this
-    /// map is touched by every event, and SipHash costs more than the rest).
-    live: hashbrown::HashMap<u64, Block>,
+    /// Live blocks by address.
+    live: LiveBlocks,
     stacks: Vec<StackStats>,
     /// Ids of `stacks` by their frames, which live only in `stacks`.
     stack_ids: hashbrown::HashTable<StackId>,
+    /// Distinct return addresses of this process's stacks, and their index.
+    addrs: Vec<u64>,
+    addr_ids: hashbrown::HashMap<u64, u32>,
     hasher: hashbrown::DefaultHashBuilder,
 }
 
@@ -327,9 +328,11 @@ impl Process {
             timeline: Timeline::new(ts_ns),
             last_ts_ns: ts_ns,
             mem: Memory::default(),
-            live: hashbrown::HashMap::new(),
+            live: LiveBlocks::new(),
             stacks: Vec::new(),
             stack_ids: hashbrown::HashTable::new(),
+            addrs: Vec::new(),
+            addr_ids: hashbrown::HashMap::new(),
             hasher: hashbrown::DefaultHashBuilder::default(),
         }
     }
@@ -339,12 +342,21 @@ impl Process {
         &self.stacks
     }
 
+    /// The raw return addresses of a stack, innermost first.
+    pub fn frames(&self, id: StackId) -> Vec<u64> {
+        self.stacks[id as usize]
+            .frames
+            .iter()
+            .map(|&i| self.addrs[i as usize])
+            .collect()
+    }
+
     /// Live (bytes, blocks) of each stack at the peak, by [`StackId`].
-    pub fn peak_stacks(&self) -> Vec<(u64, u64)> {
+    pub fn peak_stacks(&self) -> std::borrow::Cow<'_, [(u64, u64)]> {
         if self.peak.pending {
-            self.current_live()
+            self.current_live().into()
         } else {
-            self.peak.stacks.clone()
+            (&self.peak.stacks[..]).into()
         }
     }
 
@@ -359,7 +371,7 @@ impl Process {
     /// `cutoff_ns` only (`--older-than`); other fields are zero.
     pub fn live_older_than(&self, cutoff_ns: u64) -> HashMap<StackId, Stats> {
         let mut out: HashMap<StackId, Stats> = HashMap::new();
-        for b in self.live.values() {
+        for (_, b) in self.live.iter() {
             if b.stack != FILTERED && b.ts_ns <= cutoff_ns {
                 let s = out.entry(b.stack).or_default();
                 s.live_bytes += b.size;
@@ -371,24 +383,38 @@ impl Process {
 
     fn intern(&mut self, frames: &[u64]) -> (StackId, bool) {
         let hash = self.hasher.hash_one(frames);
-        let stacks = &self.stacks;
-        if let Some(&id) = self
-            .stack_ids
-            .find(hash, |&id| &*stacks[id as usize].frames == frames)
-        {
+        let (stacks, addrs) = (&self.stacks, &self.addrs);
+        let same = |id: &StackId| {
+            let known = &stacks[*id as usize].frames;
+            known.len() == frames.len()
+                && known
+                    .iter()
+                    .zip(frames)
+                    .all(|(&i, &addr)| addrs[i as usize] == addr)
+        };
+        if let Some(&id) = self.stack_ids.find(hash, same) {
             return (id, false);
         }
+        let indices = frames
+            .iter()
+            .map(|&addr| {
+                *self.addr_ids.entry(addr).or_insert_with(|| {
+                    self.addrs.push(addr);
+                    (self.addrs.len() - 1) as u32
+                })
+            })
+            .collect();
         let id = self.stacks.len() as StackId;
         self.stacks.push(StackStats {
-            frames: frames.into(),
+            frames: indices,
+            hash,
             stats: Stats::default(),
             temporary: Temporary::default(),
             dist: StackDistributions::default(),
         });
-        let (stacks, hasher) = (&self.stacks, &self.hasher);
-        self.stack_ids.insert_unique(hash, id, |&id| {
-            hasher.hash_one(&*stacks[id as usize].frames)
-        });
+        let stacks = &self.stacks;
+        self.stack_ids
+            .insert_unique(hash, id, |&id| stacks[id as usize].hash);
         (id, true)
     }
 
@@ -421,7 +447,7 @@ impl Process {
     }
 
     fn free(&mut self, addr: u64, ts_ns: u64, temporary_ns: u64) {
-        match self.live.remove(&addr) {
+        match self.live.remove(addr) {
             Some(block) => self.release(block, Some(ts_ns), temporary_ns),
             None => self.unknown_frees += 1,
         }
@@ -439,7 +465,7 @@ impl Process {
         self.live
             .iter()
             .filter(|(_, b)| b.stack != FILTERED)
-            .map(|(a, b)| (*a, b.size))
+            .map(|(a, b)| (a, b.size))
     }
 
     /// Why this process's allocated and resident memory differ, now (or at
@@ -452,7 +478,7 @@ impl Process {
         let filter = &config.filter;
         let temporary_ns = config.temporary_ns;
         if let Some(old) = a.old_addr {
-            match self.live.get(&old) {
+            match self.live.get(old) {
                 // A block at `old` allocated after this realloc began belongs
                 // to another thread: the allocator handed `old` out again
                 // after the realloc released it, and that allocation's
@@ -464,7 +490,7 @@ impl Process {
                 _ => self.free(old, a.ts_ns, temporary_ns),
             }
         }
-        if let Some(prev) = self.live.remove(&a.addr) {
+        if let Some(prev) = self.live.remove(a.addr) {
             self.missed_frees += 1;
             self.release(prev, None, temporary_ns);
         }
@@ -863,7 +889,7 @@ mod tests {
         ]);
         let p = agg.running(PID).unwrap();
         assert_eq!((p.peak.bytes, p.peak.count, p.peak.ts_ns), (1050, 3, 25));
-        assert_eq!(p.peak_stacks(), vec![(1000, 2), (50, 1)]);
+        assert_eq!(*p.peak_stacks(), [(1000, 2), (50, 1)]);
         assert_eq!(p.totals.live_bytes, 750);
     }
 
@@ -876,7 +902,7 @@ mod tests {
         ]);
         let p = agg.running(PID).unwrap();
         assert_eq!((p.peak.bytes, p.peak.ts_ns), (30, 12));
-        assert_eq!(p.peak_stacks(), vec![(0, 0), (30, 1)]);
+        assert_eq!(*p.peak_stacks(), [(0, 0), (30, 1)]);
     }
 
     #[test]

@@ -50,11 +50,7 @@ fn keyed(agg: &Aggregator, raw: &Raw, sym: &mut dyn Symbolize) -> Snapshot {
     for (&(pid, id), &(bytes, count)) in raw {
         let Some(p) = procs.get(&pid) else { continue };
         let mut key = vec![sym.comm(pid).unwrap_or_else(|| format!("pid {pid}"))];
-        key.extend(
-            sym.frames(pid, &p.stacks()[id as usize].frames)
-                .iter()
-                .map(|f| f.label()),
-        );
+        key.extend(sym.frames(pid, &p.frames(id)).iter().map(|f| f.label()));
         let e = out.entry(key).or_default();
         e.0 += bytes;
         e.1 += count;

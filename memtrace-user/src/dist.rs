@@ -23,10 +23,12 @@ pub struct Compact<const SIGFIG: u8>(Repr);
 
 #[derive(Clone, Debug)]
 enum Repr {
-    /// Up to [`FEW`] distinct values and their counts, `len` of them used.
+    /// Up to [`FEW`] distinct values and their counts, `len` of them used
+    /// (counts of 32 bits: one that would overflow makes a histogram).
     Few {
         len: u8,
-        vals: [(u64, u64); FEW],
+        counts: [u32; FEW],
+        vals: [u64; FEW],
     },
     Full(Box<Histogram<u64>>),
 }
@@ -35,7 +37,8 @@ impl<const SIGFIG: u8> Default for Compact<SIGFIG> {
     fn default() -> Self {
         Self(Repr::Few {
             len: 0,
-            vals: [(0, 0); FEW],
+            counts: [0; FEW],
+            vals: [0; FEW],
         })
     }
 }
@@ -44,18 +47,21 @@ impl<const SIGFIG: u8> Compact<SIGFIG> {
     /// Counts one value.
     pub fn record(&mut self, v: u64) {
         match &mut self.0 {
-            Repr::Few { len, vals } => {
-                let used = &mut vals[..*len as usize];
-                if let Some(slot) = used.iter_mut().find(|(x, _)| *x == v) {
-                    slot.1 += 1;
-                } else if (*len as usize) < FEW {
-                    vals[*len as usize] = (v, 1);
-                    *len += 1;
-                } else {
-                    let mut h = fill(SIGFIG, &vals[..]);
-                    // An auto-resizing histogram takes any u64.
-                    let _ = h.record(v);
-                    self.0 = Repr::Full(Box::new(h));
+            Repr::Few { len, counts, vals } => {
+                let n = *len as usize;
+                match vals[..n].iter().position(|&x| x == v) {
+                    Some(i) if counts[i] < u32::MAX => counts[i] += 1,
+                    None if n < FEW => {
+                        vals[n] = v;
+                        counts[n] = 1;
+                        *len += 1;
+                    }
+                    _ => {
+                        let mut h = fill(SIGFIG, self.few());
+                        // An auto-resizing histogram takes any u64.
+                        let _ = h.record(v);
+                        self.0 = Repr::Full(Box::new(h));
+                    }
                 }
             }
             Repr::Full(h) => {
@@ -64,10 +70,22 @@ impl<const SIGFIG: u8> Compact<SIGFIG> {
         }
     }
 
+    /// The exact (value, count) pairs while small; empty once a histogram.
+    fn few(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let (n, counts, vals) = match &self.0 {
+            Repr::Few { len, counts, vals } => (*len as usize, &counts[..], &vals[..]),
+            Repr::Full(_) => (0, &[][..], &[][..]),
+        };
+        vals[..n]
+            .iter()
+            .zip(&counts[..n])
+            .map(|(&v, &c)| (v, u64::from(c)))
+    }
+
     /// Values counted.
     pub fn len(&self) -> u64 {
         match &self.0 {
-            Repr::Few { len, vals } => vals[..*len as usize].iter().map(|(_, n)| n).sum(),
+            Repr::Few { .. } => self.few().map(|(_, n)| n).sum(),
             Repr::Full(h) => h.len(),
         }
     }
@@ -80,15 +98,15 @@ impl<const SIGFIG: u8> Compact<SIGFIG> {
     /// The distribution as a histogram (built on the spot while small).
     pub fn histogram(&self) -> Cow<'_, Histogram<u64>> {
         match &self.0 {
-            Repr::Few { len, vals } => Cow::Owned(fill(SIGFIG, &vals[..*len as usize])),
+            Repr::Few { .. } => Cow::Owned(fill(SIGFIG, self.few())),
             Repr::Full(h) => Cow::Borrowed(h),
         }
     }
 }
 
-fn fill(sigfig: u8, vals: &[(u64, u64)]) -> Histogram<u64> {
+fn fill(sigfig: u8, vals: impl Iterator<Item = (u64, u64)>) -> Histogram<u64> {
     let mut h = Histogram::new(sigfig).expect("a precision of 1 to 5 digits");
-    for &(v, n) in vals {
+    for (v, n) in vals {
         let _ = h.record_n(v, n);
     }
     h
@@ -119,6 +137,18 @@ mod tests {
 
     #[test]
     fn a_small_distribution_costs_no_more_than_its_inline_values() {
-        assert!(size_of::<Compact<2>>() <= 8 + FEW * 16);
+        assert!(size_of::<Compact<2>>() <= 4 + FEW * 12);
+    }
+
+    #[test]
+    fn a_count_beyond_32_bits_becomes_a_histogram() {
+        let mut c = Compact::<2>::default();
+        c.record(8);
+        if let Repr::Few { counts, .. } = &mut c.0 {
+            counts[0] = u32::MAX;
+        }
+        c.record(8);
+        assert!(matches!(c.0, Repr::Full(_)));
+        assert_eq!(c.len(), u64::from(u32::MAX) + 1);
     }
 }

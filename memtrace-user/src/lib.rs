@@ -31,6 +31,7 @@ pub mod diff;
 pub mod dist;
 pub mod error;
 pub mod event;
+pub mod live;
 pub mod load;
 pub mod maps;
 pub mod mem;

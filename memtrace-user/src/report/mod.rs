@@ -564,37 +564,35 @@ fn process_report(
     fault_sample: u32,
 ) -> ProcessReport {
     let older = opts.live_before_ns.map(|cutoff| p.live_older_than(cutoff));
-    let mut rows: Vec<(StackId, Stats)> = p
-        .stacks()
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (i as StackId, s.stats))
-        .filter_map(|(id, stats)| match &older {
-            None => Some((id, stats)),
-            Some(old) => old.get(&id).map(|o| {
-                (
-                    id,
-                    Stats {
-                        live_bytes: o.live_bytes,
-                        live_count: o.live_count,
-                        ..stats
-                    },
-                )
+    // The stack's counts, with live ones from blocks older than the cutoff
+    // only when `--older-than` asks (stacks without such blocks drop out).
+    let row = |id: StackId| -> Option<Stats> {
+        let stats = p.stacks()[id as usize].stats;
+        match &older {
+            None => Some(stats),
+            Some(old) => old.get(&id).map(|o| Stats {
+                live_bytes: o.live_bytes,
+                live_count: o.live_count,
+                ..stats
             }),
-        })
-        .collect();
-    rows.sort_by(|(ia, a), (ib, b)| {
-        (b.live_bytes, b.total_bytes, ia).cmp(&(a.live_bytes, a.total_bytes, ib))
-    });
-    let shown = top(opts, rows.len());
-    let stacks = rows[..shown]
+        }
+    };
+    let (ids, omitted) = ranked(
+        (0..p.stacks().len() as StackId).filter(|&id| row(id).is_some()),
+        opts,
+        |id| row(id).map(|s| (s.live_bytes, s.total_bytes)),
+    );
+    let stacks = ids
         .iter()
-        .map(|(id, s)| StackReport {
-            live_bytes: s.live_bytes,
-            live_count: s.live_count,
-            total_bytes: s.total_bytes,
-            total_count: s.total_count,
-            frames: sym.frames(p.pid, &p.stacks()[*id as usize].frames),
+        .map(|&id| {
+            let s = row(id).expect("ranked ids have rows");
+            StackReport {
+                live_bytes: s.live_bytes,
+                live_count: s.live_count,
+                total_bytes: s.total_bytes,
+                total_count: s.total_count,
+                frames: sym.frames(p.pid, &p.frames(id)),
+            }
         })
         .collect();
     let t = p.totals;
@@ -644,7 +642,7 @@ fn process_report(
         missed_frees: p.missed_frees,
         sizes: SizeSummary::of(p),
         stacks,
-        stacks_omitted: rows.len() - shown,
+        stacks_omitted: omitted,
         first_s: opts.seconds(p.first_ts_ns),
         last_s: opts.seconds(p.last_ts_ns),
         peak,
@@ -661,92 +659,107 @@ pub(crate) fn top(opts: &Options, n: usize) -> usize {
     if opts.top == 0 { n } else { opts.top.min(n) }
 }
 
+/// The stacks `--top` shows, by descending `key` (ties: lower id first),
+/// and how many were left out. Selects before it sorts, and holds ids only:
+/// a process may have hundreds of thousands of stacks, and the report
+/// should not cost memtrace a copy of their counts.
+fn ranked<K: Ord>(
+    ids: impl Iterator<Item = StackId>,
+    opts: &Options,
+    key: impl Fn(StackId) -> K,
+) -> (Vec<StackId>, usize) {
+    let mut ids: Vec<StackId> = ids.collect();
+    let order = |a: &StackId, b: &StackId| key(*b).cmp(&key(*a)).then(a.cmp(b));
+    let shown = top(opts, ids.len());
+    let omitted = ids.len() - shown;
+    if shown < ids.len() {
+        if shown > 0 {
+            ids.select_nth_unstable_by(shown - 1, order);
+        }
+        ids.truncate(shown);
+    }
+    ids.sort_unstable_by(order);
+    (ids, omitted)
+}
+
 fn peak_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> PeakReport {
     let at = p.peak_stacks();
-    let mut rows: Vec<(usize, (u64, u64))> = at
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|(_, (bytes, _))| *bytes > 0)
-        .collect();
-    rows.sort_by(|(ia, a), (ib, b)| (b.0, b.1, ia).cmp(&(a.0, a.1, ib)));
-    let shown = top(opts, rows.len());
+    let (ids, omitted) = ranked(
+        (0..at.len() as StackId).filter(|&id| at[id as usize].0 > 0),
+        opts,
+        |id| at[id as usize],
+    );
     PeakReport {
         bytes: p.peak.bytes,
         count: p.peak.count,
         at_s: opts.seconds(p.peak.ts_ns),
-        stacks: rows[..shown]
+        stacks: ids
             .iter()
-            .map(|&(id, (bytes, count))| {
-                let s = &p.stacks()[id];
+            .map(|&id| {
+                let (bytes, count) = at[id as usize];
+                let s = &p.stacks()[id as usize];
                 StackReport {
                     live_bytes: bytes,
                     live_count: count,
                     total_bytes: s.stats.total_bytes,
                     total_count: s.stats.total_count,
-                    frames: sym.frames(p.pid, &s.frames),
+                    frames: sym.frames(p.pid, &p.frames(id)),
                 }
             })
             .collect(),
-        stacks_omitted: rows.len() - shown,
+        stacks_omitted: omitted,
     }
 }
 
 fn temporary_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> TemporaryReport {
-    let mut rows: Vec<usize> = (0..p.stacks().len())
-        .filter(|&i| p.stacks()[i].temporary.count > 0)
-        .collect();
-    let key = |i: usize| {
-        let t = p.stacks()[i].temporary;
-        (t.count, t.bytes)
-    };
-    rows.sort_by(|&a, &b| (key(b), a).cmp(&(key(a), b)));
-    let shown = top(opts, rows.len());
+    let stack = |id: StackId| &p.stacks()[id as usize];
+    let (ids, omitted) = ranked(
+        (0..p.stacks().len() as StackId).filter(|&id| stack(id).temporary.count > 0),
+        opts,
+        |id| (stack(id).temporary.count, stack(id).temporary.bytes),
+    );
     TemporaryReport {
         count: p.temporary.count,
         bytes: p.temporary.bytes,
-        stacks: rows[..shown]
+        stacks: ids
             .iter()
-            .map(|&i| {
-                let s = &p.stacks()[i];
+            .map(|&id| {
+                let s = stack(id);
                 TemporaryStack {
                     count: s.temporary.count,
                     bytes: s.temporary.bytes,
                     total_count: s.stats.total_count,
                     total_bytes: s.stats.total_bytes,
-                    frames: sym.frames(p.pid, &s.frames),
+                    frames: sym.frames(p.pid, &p.frames(id)),
                 }
             })
             .collect(),
-        stacks_omitted: rows.len() - shown,
+        stacks_omitted: omitted,
     }
 }
 
 fn histograms_report(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> HistogramsReport {
-    let mut rows: Vec<usize> = (0..p.stacks().len())
-        .filter(|&i| p.stacks()[i].stats.total_count > 0)
-        .collect();
-    let key = |i: usize| {
-        let s = p.stacks()[i].stats;
-        (s.total_count, s.total_bytes)
-    };
-    rows.sort_by(|&a, &b| (key(b), a).cmp(&(key(a), b)));
-    let shown = top(opts, rows.len());
+    let stack = |id: StackId| &p.stacks()[id as usize];
+    let (ids, omitted) = ranked(
+        (0..p.stacks().len() as StackId).filter(|&id| stack(id).stats.total_count > 0),
+        opts,
+        |id| (stack(id).stats.total_count, stack(id).stats.total_bytes),
+    );
     HistogramsReport {
         sizes: Distribution::of(&p.dist.sizes),
         lifetimes: Distribution::of(&p.dist.lifetimes),
-        stacks: rows[..shown]
+        stacks: ids
             .iter()
-            .map(|&i| {
-                let s = &p.stacks()[i];
+            .map(|&id| {
+                let s = stack(id);
                 StackHistograms {
                     sizes: Distribution::of(&s.dist.sizes.histogram()),
                     lifetimes: Distribution::of(&s.dist.lifetimes.histogram()),
-                    frames: sym.frames(p.pid, &s.frames),
+                    frames: sym.frames(p.pid, &p.frames(id)),
                 }
             })
             .collect(),
-        stacks_omitted: rows.len() - shown,
+        stacks_omitted: omitted,
     }
 }
 
@@ -805,7 +818,7 @@ pub fn samples(agg: &Aggregator, sym: &mut dyn Symbolize, view: View) -> Vec<Sam
             out.push(Sample {
                 pid: p.pid,
                 comm: comm.clone(),
-                frames: sym.frames(p.pid, &s.frames),
+                frames: sym.frames(p.pid, &p.frames(i as StackId)),
                 live_bytes,
                 live_count,
                 total_bytes,
