@@ -14,7 +14,7 @@
 
 /// Version of the record layout. The loader refuses an eBPF object that
 /// speaks another version.
-pub const EVENT_ABI: u16 = 2;
+pub const EVENT_ABI: u16 = 3;
 
 /// Deepest user stack a record carries (the kernel's default
 /// `perf_event_max_stack`).
@@ -65,8 +65,8 @@ pub enum RecordKind {
     Kmem = 6,
     /// An [`OomRecord`]: the OOM killer chose a traced process.
     Oom = 7,
-    /// Header only: the process called execve and now runs a new program in
-    /// a new address space.
+    /// An [`ExecRecord`]: the process called execve and now runs a new
+    /// program in a new address space.
     Exec = 8,
 }
 
@@ -540,6 +540,18 @@ pub struct KmemOwner {
     pub tgid: u32,
     /// Zero.
     pub _pad: u32,
+}
+
+/// A traced process called execve (`sched:sched_process_exec`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecRecord {
+    /// Common header; `kind` is [`RecordKind::Exec`].
+    pub header: Header,
+    /// The new program's name as the kernel keeps it (NUL-padded): read at
+    /// the exec itself, so a program that exits before user space drains
+    /// the ring is still named.
+    pub comm: [u8; 16],
 }
 
 /// The OOM killer chose a traced process (`oom:mark_victim`).

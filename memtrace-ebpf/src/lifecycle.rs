@@ -3,11 +3,11 @@
 //! (`oom:mark_victim`).
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use memtrace_common::{Header, OomRecord, RecordKind};
+use memtrace_common::{ExecRecord, Header, OomRecord, RecordKind};
 
 use crate::vm::{RSS_LAST, field};
 use crate::{INFLIGHT, TRACED, header, self_tgid, submit, traced};
@@ -47,7 +47,12 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = RSS_LAST.remove(tgid);
-    submit::<Header>(|h| *h = header(RecordKind::Exec, pid_tgid));
+    // The task's name is the new program's by the time this tracepoint fires.
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    submit::<ExecRecord>(|r| {
+        r.header = header(RecordKind::Exec, pid_tgid);
+        r.comm = comm;
+    });
     0
 }
 

@@ -301,8 +301,9 @@ fn on_entry(ctx: &ProbeContext, func: AllocFn, size: u64, arg: u64) -> u32 {
 
 /// Return of an allocator function: pop the matching entry and, for an
 /// outermost call that allocated (or a realloc that freed), emit a record.
+/// The entry says which function it was.
 #[inline(always)]
-fn on_return(ctx: &RetProbeContext, func: AllocFn) -> u32 {
+fn on_return(ctx: &RetProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid == self_tgid() {
@@ -342,12 +343,12 @@ fn on_return(ctx: &RetProbeContext, func: AllocFn) -> u32 {
         count(Counter::ReturnWithoutEntry);
         return 0;
     };
-    if call.nested != 0 || call.func != func as u16 {
+    if call.nested != 0 {
         return 0;
     }
 
-    let (addr, old_addr) = match func {
-        AllocFn::PosixMemalign => {
+    let (addr, old_addr) = match AllocFn::from_u16(call.func) {
+        Some(AllocFn::PosixMemalign) => {
             // Returns 0 on success and stores the pointer through its first
             // argument.
             if ret as u32 != 0 {
@@ -362,7 +363,7 @@ fn on_return(ctx: &RetProbeContext, func: AllocFn) -> u32 {
                 }
             }
         }
-        AllocFn::Realloc | AllocFn::Reallocarray => (ret, call.arg),
+        Some(AllocFn::Realloc | AllocFn::Reallocarray) => (ret, call.arg),
         _ => (ret, 0),
     };
     // NULL is a failed allocation, except realloc(p, 0), which freed p.
@@ -471,13 +472,18 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     ctx.arg::<u64>(n).unwrap_or(0)
 }
 
+/// Return of every allocator function: one program for all (the in-flight
+/// entry says which function returned), so the kernel verifies the stack
+/// walk once, not once per function; that verification was most of the
+/// time memtrace took to attach.
+#[uretprobe]
+pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx)
+}
+
 #[uprobe]
 pub fn malloc_enter(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, AllocFn::Malloc, arg(&ctx, 0), 0)
-}
-#[uretprobe]
-pub fn malloc_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, AllocFn::Malloc)
 }
 
 #[uprobe]
@@ -485,18 +491,10 @@ pub fn calloc_enter(ctx: ProbeContext) -> u32 {
     let size = arg(&ctx, 0).wrapping_mul(arg(&ctx, 1));
     on_entry(&ctx, AllocFn::Calloc, size, 0)
 }
-#[uretprobe]
-pub fn calloc_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, AllocFn::Calloc)
-}
 
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, AllocFn::Realloc, arg(&ctx, 1), arg(&ctx, 0))
-}
-#[uretprobe]
-pub fn realloc_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, AllocFn::Realloc)
 }
 
 #[uprobe]
@@ -504,64 +502,36 @@ pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
     let size = arg(&ctx, 1).wrapping_mul(arg(&ctx, 2));
     on_entry(&ctx, AllocFn::Reallocarray, size, arg(&ctx, 0))
 }
-#[uretprobe]
-pub fn reallocarray_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, AllocFn::Reallocarray)
-}
 
 #[uprobe]
 pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, AllocFn::PosixMemalign, arg(&ctx, 2), arg(&ctx, 0))
-}
-#[uretprobe]
-pub fn posix_memalign_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, AllocFn::PosixMemalign)
 }
 
 #[uprobe]
 pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, AllocFn::AlignedAlloc, arg(&ctx, 1), 0)
 }
-#[uretprobe]
-pub fn aligned_alloc_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, AllocFn::AlignedAlloc)
-}
 
 #[uprobe]
 pub fn memalign_enter(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, AllocFn::Memalign, arg(&ctx, 1), 0)
-}
-#[uretprobe]
-pub fn memalign_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, AllocFn::Memalign)
 }
 
 #[uprobe]
 pub fn valloc_enter(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, AllocFn::Valloc, arg(&ctx, 0), 0)
 }
-#[uretprobe]
-pub fn valloc_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, AllocFn::Valloc)
-}
 
 #[uprobe]
 pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, AllocFn::Pvalloc, arg(&ctx, 0), 0)
-}
-#[uretprobe]
-pub fn pvalloc_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, AllocFn::Pvalloc)
 }
 
 /// Every `operator new` variant takes the size first.
 #[uprobe]
 pub fn operator_new_enter(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, AllocFn::OperatorNew, arg(&ctx, 0), 0)
-}
-#[uretprobe]
-pub fn operator_new_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, AllocFn::OperatorNew)
 }
 
 /// Benchmarks only (`cargo xtask bench`): programs that do nothing, put on

@@ -542,7 +542,7 @@ pub struct NewStack {
 #[derive(Debug, Default)]
 pub struct Aggregator {
     config: Config,
-    running: HashMap<u32, Process>,
+    running: hashbrown::HashMap<u32, Process>,
     exited: Vec<Process>,
 }
 

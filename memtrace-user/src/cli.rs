@@ -89,6 +89,13 @@ pub struct TargetArgs {
     #[arg(long)]
     pub kernel: bool,
 
+    /// Have the kernel time memtrace's eBPF programs and report the mean run
+    /// time of each per call (the programs only: not the trap into them).
+    /// Turns the kernel's BPF statistics on while tracing, which costs every
+    /// BPF program on the host two clock reads per run.
+    #[arg(long)]
+    pub probe_cost: bool,
+
     /// Where to write the report of a traced process the OOM killer chose
     /// [default: the current directory].
     #[arg(long, value_name = "DIR")]

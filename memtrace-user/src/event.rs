@@ -6,8 +6,9 @@
 //! filter, attribute or symbolize.
 
 use memtrace_common::{
-    AllocFn, AllocRecord, EVENT_ABI, FreeRecord, Header, KmemOp, KmemRecord, MAX_FRAMES, OomRecord,
-    RSS_FAULT, RSS_SAMPLED, RecordKind, RssMember, RssRecord, VmOp, VmRecord,
+    AllocFn, AllocRecord, EVENT_ABI, ExecRecord, FreeRecord, Header, KmemOp, KmemRecord,
+    MAX_FRAMES, OomRecord, RSS_FAULT, RSS_SAMPLED, RecordKind, RssMember, RssRecord, VmOp,
+    VmRecord,
 };
 
 /// One thing a traced process did.
@@ -46,6 +47,9 @@ pub enum Event {
         pid: u32,
         /// When.
         ts_ns: u64,
+        /// The new program's name, as the kernel had it at the exec (not
+        /// kept in recordings, which name processes on their own).
+        comm: Option<String>,
     },
 }
 
@@ -328,10 +332,15 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             pid,
             ts_ns: header.ts_ns,
         }),
-        Some(RecordKind::Exec) => Ok(Event::Exec {
-            pid,
-            ts_ns: header.ts_ns,
-        }),
+        Some(RecordKind::Exec) => {
+            let r: ExecRecord = read(bytes)?;
+            let len = r.comm.iter().position(|&b| b == 0).unwrap_or(r.comm.len());
+            Ok(Event::Exec {
+                pid,
+                ts_ns: header.ts_ns,
+                comm: (len > 0).then(|| String::from_utf8_lossy(&r.comm[..len]).into_owned()),
+            })
+        }
         Some(RecordKind::Rss) => decode_rss(bytes),
         Some(RecordKind::Vm) => decode_vm(bytes),
         Some(RecordKind::Kmem) => decode_kmem(bytes),
@@ -594,6 +603,44 @@ mod tests {
     fn alloc_round_trips() {
         let a = alloc();
         assert_eq!(decode(&encode_alloc(&a)), Ok(Event::Alloc(a)));
+    }
+
+    #[test]
+    fn an_exec_carries_the_new_programs_name() {
+        let mut r = ExecRecord {
+            header: Header {
+                version: EVENT_ABI,
+                kind: RecordKind::Exec as u16,
+                tgid: 7,
+                tid: 7,
+                _reserved: 0,
+                ts_ns: 100,
+            },
+            comm: [0; 16],
+        };
+        r.comm[..12].copy_from_slice(b"rust_fixture");
+        // SAFETY: a `#[repr(C)]` record of integers, viewed as its bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&r as *const ExecRecord).cast::<u8>(),
+                size_of::<ExecRecord>(),
+            )
+        };
+        let exec = |comm: Option<&str>| Event::Exec {
+            pid: 7,
+            ts_ns: 100,
+            comm: comm.map(str::to_string),
+        };
+        assert_eq!(decode(bytes), Ok(exec(Some("rust_fixture"))));
+        r.comm = [0; 16];
+        // SAFETY: as above.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&r as *const ExecRecord).cast::<u8>(),
+                size_of::<ExecRecord>(),
+            )
+        };
+        assert_eq!(decode(bytes), Ok(exec(None)));
     }
 
     #[test]

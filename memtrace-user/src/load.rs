@@ -4,6 +4,7 @@
 //! say what failed, on which file and pid.
 
 use std::num::NonZeroU32;
+use std::os::fd::OwnedFd;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{
@@ -16,7 +17,7 @@ use memtrace_common::{AllocFn, Counter};
 
 use crate::attach::{Library, Site, display_name, sites_of};
 use crate::error::{Result, UserError};
-use crate::report::Probes;
+use crate::report::{Probes, ProgramCost};
 use crate::tracefs;
 
 /// Kernel tracepoints and the programs on them, always attached: RSS,
@@ -62,54 +63,53 @@ pub struct KernelOptions {
     pub fault_sample: u32,
     /// Trace kernel allocations (`--kernel`).
     pub kernel_allocations: bool,
+    /// Have the kernel time memtrace's programs (`--probe-cost`).
+    pub probe_cost: bool,
 }
 
 /// The eBPF object, built by build.rs from memtrace-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
 
-/// Entry and return program names for an allocator function.
-fn programs(func: AllocFn) -> (&'static str, &'static str) {
+/// The entry program of an allocator function (each reads its own
+/// arguments).
+fn entry_program(func: AllocFn) -> &'static str {
     match func {
-        AllocFn::Malloc => ("malloc_enter", "malloc_exit"),
-        AllocFn::Calloc => ("calloc_enter", "calloc_exit"),
-        AllocFn::Realloc => ("realloc_enter", "realloc_exit"),
-        AllocFn::Reallocarray => ("reallocarray_enter", "reallocarray_exit"),
-        AllocFn::PosixMemalign => ("posix_memalign_enter", "posix_memalign_exit"),
-        AllocFn::AlignedAlloc => ("aligned_alloc_enter", "aligned_alloc_exit"),
-        AllocFn::Memalign => ("memalign_enter", "memalign_exit"),
-        AllocFn::Valloc => ("valloc_enter", "valloc_exit"),
-        AllocFn::Pvalloc => ("pvalloc_enter", "pvalloc_exit"),
-        AllocFn::OperatorNew => ("operator_new_enter", "operator_new_exit"),
+        AllocFn::Malloc => "malloc_enter",
+        AllocFn::Calloc => "calloc_enter",
+        AllocFn::Realloc => "realloc_enter",
+        AllocFn::Reallocarray => "reallocarray_enter",
+        AllocFn::PosixMemalign => "posix_memalign_enter",
+        AllocFn::AlignedAlloc => "aligned_alloc_enter",
+        AllocFn::Memalign => "memalign_enter",
+        AllocFn::Valloc => "valloc_enter",
+        AllocFn::Pvalloc => "pvalloc_enter",
+        AllocFn::OperatorNew => "operator_new_enter",
     }
 }
 
+/// The return program of every allocator function.
+const ALLOC_EXIT: &str = "alloc_exit";
+
 const UPROBES: &[&str] = &[
     "free_enter",
+    ALLOC_EXIT,
     "malloc_enter",
-    "malloc_exit",
     "calloc_enter",
-    "calloc_exit",
     "realloc_enter",
-    "realloc_exit",
     "reallocarray_enter",
-    "reallocarray_exit",
     "posix_memalign_enter",
-    "posix_memalign_exit",
     "aligned_alloc_enter",
-    "aligned_alloc_exit",
     "memalign_enter",
-    "memalign_exit",
     "valloc_enter",
-    "valloc_exit",
     "pvalloc_enter",
-    "pvalloc_exit",
     "operator_new_enter",
-    "operator_new_exit",
 ];
 
 /// The loaded programs and maps.
 pub struct Tracer {
     ebpf: Ebpf,
+    /// Holds the kernel's BPF run-time statistics on (`--probe-cost`).
+    stats: Option<OwnedFd>,
     counts: PerCpuArray<MapData, u64>,
     links: Vec<UProbeLink>,
     tracepoint_links: Vec<TracePointLink>,
@@ -195,8 +195,10 @@ impl Tracer {
                 .ok_or_else(|| internal("TRACED", "map missing"))?,
         )
         .map_err(|e| internal("TRACED", e))?;
+        let stats = opts.probe_cost.then(run_time_stats).transpose()?;
         let mut tracer = Self {
             ebpf,
+            stats,
             counts,
             links: Vec::new(),
             tracepoint_links: Vec::new(),
@@ -276,10 +278,7 @@ impl Tracer {
     fn attach_site(&mut self, site: &Site, lib: &Library, scope: UProbeScope) -> Result<()> {
         let names: Vec<&str> = match site.want.func {
             None => vec!["free_enter"],
-            Some(f) => {
-                let (enter, exit) = programs(f);
-                vec![enter, exit]
-            }
+            Some(f) => vec![entry_program(f), ALLOC_EXIT],
         };
         for name in names {
             let link = attach_uprobe(&mut self.ebpf, name, site, lib, scope)?;
@@ -310,6 +309,15 @@ impl Tracer {
             .take_map("EVENTS")
             .ok_or_else(|| internal("EVENTS", "map missing"))?;
         RingBuf::try_from(map).map_err(|e| internal("EVENTS", e))
+    }
+
+    /// How long each of memtrace's programs ran, when `--probe-cost` asked
+    /// the kernel to count; else nothing.
+    pub fn probe_cost(&self) -> Vec<ProgramCost> {
+        match self.stats {
+            Some(_) => costs(&self.ebpf),
+            None => Vec::new(),
+        }
     }
 
     /// The kernel side's counters, summed over CPUs, by name.
@@ -359,13 +367,15 @@ fn attach_uprobe(
 /// each allocator function, `free`'s entry), so the traps alone are
 /// measured. Detaches when dropped.
 pub struct Floor {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    stats: Option<OwnedFd>,
     _links: Vec<UProbeLink>,
 }
 
 impl Floor {
-    /// Probes the allocator functions of `libs` in process `pid`.
-    pub fn attach(libs: &[Library], pid: u32) -> Result<Self> {
+    /// Probes the allocator functions of `libs` in process `pid`; with
+    /// `probe_cost`, the kernel times the programs ([`Floor::probe_cost`]).
+    pub fn attach(libs: &[Library], pid: u32, probe_cost: bool) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", 4096)
             .load(EBPF_OBJECT)
@@ -390,10 +400,48 @@ impl Floor {
             }
         }
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
+            stats: probe_cost.then(run_time_stats).transpose()?,
             _links: links,
         })
     }
+
+    /// How long the empty programs ran, with `probe_cost`; else nothing.
+    pub fn probe_cost(&self) -> Vec<ProgramCost> {
+        match self.stats {
+            Some(_) => costs(&self.ebpf),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// Turns on the kernel's BPF run-time statistics until the returned fd
+/// closes. They are host-wide: every BPF program on the host pays two clock
+/// reads per run meanwhile, which is why they are asked for, not default.
+fn run_time_stats() -> Result<OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| {
+        UserError::new(
+            format!("cannot turn on the kernel's BPF statistics: {e}"),
+            "--probe-cost needs kernel 5.8 or later and CAP_SYS_ADMIN",
+        )
+    })
+}
+
+/// Run time and count of each program of `ebpf` that ran.
+fn costs(ebpf: &Ebpf) -> Vec<ProgramCost> {
+    let mut out: Vec<ProgramCost> = ebpf
+        .programs()
+        .filter_map(|(name, prog)| {
+            let info = prog.info().ok()?;
+            (info.run_count() > 0).then(|| ProgramCost {
+                program: name.to_string(),
+                runs: info.run_count(),
+                run_ns: info.run_time().as_nanos() as u64,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.program.cmp(&b.program));
+    out
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {

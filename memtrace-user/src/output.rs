@@ -173,5 +173,7 @@ pub fn ledger_of(c: &Counters) -> Ledger {
             .collect(),
         decode_errors: c.decode_errors,
         traced_calls: c.traced_calls,
+        // Not recorded: a recording is about the traced program.
+        probe_cost: Vec::new(),
     }
 }

@@ -88,7 +88,7 @@ impl State {
         }
         match ev {
             Event::Oom(o) => self.oom_victims.push(o.pid),
-            Event::Exec { pid, .. } => self.symbols.exec(*pid),
+            Event::Exec { pid, comm, .. } => self.symbols.exec(*pid, comm.as_deref()),
             _ => {}
         }
     }
@@ -286,6 +286,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
             all_processes: target_args.system_wide(),
             fault_sample: target_args.fault_sample,
             kernel_allocations: target_args.kernel,
+            probe_cost: target_args.probe_cost,
         },
     )?;
     for pid in target_args
@@ -486,6 +487,7 @@ impl Snapshot {
                     .iter()
                     .find(|(c, _)| *c == Counter::Calls)
                     .map_or(0, |(_, v)| *v),
+                probe_cost: tracer.probe_cost(),
             },
             now_ns,
             duration_s: now_ns.saturating_sub(start_ns) as f64 / 1e9,

@@ -200,10 +200,14 @@ impl Symbols {
     }
 
     /// The process called execve: its name and mappings are new. Stacks
-    /// seen before keep their cached frames.
-    pub fn exec(&mut self, pid: u32) {
+    /// seen before keep their cached frames. `comm` is the name the kernel
+    /// gave at the exec: the process may be gone by the time this runs.
+    pub fn exec(&mut self, pid: u32, comm: Option<&str>) {
         self.procs.remove(&pid);
         self.observe(pid, &[]);
+        if let (Some(p), Some(c)) = (self.procs.get_mut(&pid), comm) {
+            p.comm = Some(c.to_string());
+        }
     }
 
     fn refresh(&mut self, pid: u32) {

@@ -80,3 +80,58 @@ fn cmd_rust_fixture() {
     assert_sites(process, rust::SITES, 1);
     assert_no_losses(&report, process);
 }
+
+/// `--probe-cost`: the kernel's run counts of memtrace's programs cover
+/// every call the report counts (each allocation went through the shared
+/// return program, each freed block through `free` or a realloc), with a run
+/// time for each; without the option, the report has no such section.
+#[test]
+fn probe_cost_counts_every_traced_call() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let mut args: Vec<&str> = REPORT_ARGS.to_vec();
+    args.push("--probe-cost");
+    let mut memtrace = Memtrace::spawn_cmd(args, fixture("alloc_fixture"), ["--exit-code", "0"]);
+    let output = memtrace.wait();
+    output.assert_status(0);
+    let report = output.json();
+    let process = process_by_comm(&report, "alloc_fixture");
+    let costs = report["probe_cost"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no probe_cost in the report:\n{report:#}"));
+    let runs = |program: &str| {
+        costs
+            .iter()
+            .find(|c| c["program"] == program)
+            .and_then(|c| c["runs"].as_u64())
+            .unwrap_or(0)
+    };
+    let total = process["total_count"].as_u64().expect("total_count");
+    let freed = process["freed_count"].as_u64().expect("freed_count");
+    assert!(total > 0 && freed > 0, "the fixture allocates and frees");
+    assert!(
+        runs("alloc_exit") >= total,
+        "alloc_exit ran {} times for {total} allocations: {costs:?}",
+        runs("alloc_exit")
+    );
+    let freeing = runs("free_enter") + runs("realloc_enter") + runs("reallocarray_enter");
+    assert!(
+        freeing >= freed,
+        "free and realloc entries ran {freeing} times for {freed} blocks freed: {costs:?}"
+    );
+    assert!(runs("malloc_enter") > 0, "{costs:?}");
+    for c in costs {
+        assert!(
+            c["run_ns"].as_u64().is_some_and(|ns| ns > 0),
+            "a program that ran took no time: {c}"
+        );
+    }
+
+    let (_, plain) = trace_command(&fixture("alloc_fixture"), &[], 0);
+    assert!(
+        plain.get("probe_cost").is_none(),
+        "probe_cost without --probe-cost"
+    );
+}

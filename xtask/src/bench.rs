@@ -7,6 +7,9 @@
 //!    (memtrace's probe points with empty programs: `probe_floor`), under
 //!    memtrace (exact mode) and under bpftrace running the classic
 //!    memleak-style script. Modes alternate within each repetition; medians.
+//!    Then one more pair of runs with the kernel's BPF statistics on
+//!    (`--probe-cost`): how long each program runs per call, floor and
+//!    exact side by side, which is what exact mode adds to the traps.
 //! 2. Decode + aggregate throughput (criterion, `benches/pipeline.rs`).
 //! 3. Sustained rate: `bench_fixture rate R 10 2` at rising rates; the
 //!    highest at which memtrace loses nothing and counts every allocation.
@@ -59,12 +62,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     machine(&mut out);
 
     let cost = cost(&bins, opts)?;
+    let breakdown = breakdown(&bins, opts.pairs)?;
     let records_per_s = pipeline()?;
     let sustained = sustained(&bins, opts.seconds)?;
     let footprint = footprint(&bins)?;
     let attach = attach_latency(&bins)?;
 
     out.push_str(&cost.table());
+    out.push_str(&breakdown.table(opts.pairs, cost.floor));
     out.push_str(&format!(
         "\n## Pipeline\n\ndecode + aggregate, one core: {:.2} M records/s\n",
         records_per_s / 1e6
@@ -272,6 +277,115 @@ fn cost(bins: &Bins, opts: &Options) -> anyhow::Result<Cost> {
         bpftrace: col(3),
         runs,
         pairs: opts.pairs,
+    })
+}
+
+/// eBPF run time per program (name, runs, total ns) under the floor and
+/// under memtrace, from one run of each with the kernel's BPF statistics on.
+struct Breakdown {
+    floor: Vec<(String, u64, u64)>,
+    exact: Vec<(String, u64, u64)>,
+}
+
+impl Breakdown {
+    fn table(&self, pairs: u64, floor_ns_per_pair: f64) -> String {
+        let mut s = String::from(
+            "\n## Where exact mode's time goes (one more run of each, kernel BPF statistics on)\n\n",
+        );
+        s.push_str(
+            "| mode | program | runs | ns per run | ns per pair |\n|---|---|---:|---:|---:|\n",
+        );
+        let mut per_pair = [0.0; 2];
+        for (i, (mode, progs)) in [("floor", &self.floor), ("exact", &self.exact)]
+            .into_iter()
+            .enumerate()
+        {
+            // The allocator's probes only: the kernel tracepoints (RSS,
+            // faults, mmap) fire a few thousand times in all.
+            for (name, runs, ns) in progs.iter().filter(|(_, runs, _)| *runs >= pairs) {
+                let pair = *ns as f64 / pairs as f64;
+                per_pair[i] += pair;
+                s.push_str(&format!(
+                    "| {mode} | {name} | {runs} | {:.0} | {pair:.0} |\n",
+                    *ns as f64 / *runs as f64
+                ));
+            }
+        }
+        let added = per_pair[1] - per_pair[0];
+        s.push_str(&format!(
+            "\neBPF time per pair: floor {:.0} ns, exact {:.0} ns. Exact adds {added:.0} ns of program \
+             time per pair, {:.0}% of the floor's {floor_ns_per_pair:.0} ns per pair (the 1.15x budget \
+             allows {:.0} ns for programs and pipeline together). The statistics add two clock reads \
+             to every run, to both modes alike.\n",
+            per_pair[0],
+            per_pair[1],
+            100.0 * added / floor_ns_per_pair,
+            0.15 * floor_ns_per_pair
+        ));
+        s
+    }
+}
+
+fn breakdown(bins: &Bins, pairs: u64) -> anyhow::Result<Breakdown> {
+    eprintln!("cost: where the time goes (BPF statistics on)");
+    // Floor: `probe_floor --probe-cost` prints `cost NAME RUNS NS` lines.
+    let fixture = Waiting::start(bins, &["pairs", &pairs.to_string()])?;
+    let mut floor = Command::new(&bins.floor)
+        .arg("--probe-cost")
+        .arg(fixture.pid().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = BufReader::new(floor.stdout.take().expect("piped"));
+    let attached = read_line(&mut out, "probe_floor")?;
+    ensure!(attached == "attached", "probe_floor printed {attached:?}");
+    fixture.go()?;
+    drop(floor.stdin.take());
+    let mut rest = String::new();
+    out.read_to_string(&mut rest)?;
+    floor.wait()?;
+    let floor_costs: Vec<(String, u64, u64)> = rest
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f[..] {
+                ["cost", name, runs, ns] => {
+                    Some((name.to_string(), runs.parse().ok()?, ns.parse().ok()?))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    // Exact: memtrace's report carries the same figures.
+    let n = pairs.to_string();
+    let (report, _, _) = under_memtrace(bins, &["--top", "1", "--probe-cost"], &["pairs", &n])?;
+    let exact_costs: Vec<(String, u64, u64)> = report["probe_cost"]
+        .as_array()
+        .context("memtrace --probe-cost reported no probe_cost")?
+        .iter()
+        .map(|c| {
+            (
+                c["program"].as_str().unwrap_or("?").to_string(),
+                c["runs"].as_u64().unwrap_or(0),
+                c["run_ns"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let runs_of = |costs: &[(String, u64, u64)], name: &str| {
+        costs.iter().find(|c| c.0 == name).map_or(0, |c| c.1)
+    };
+    // Every pair is one malloc entry, one malloc return and one free.
+    ensure!(
+        runs_of(&floor_costs, "floor_enter") >= 2 * pairs
+            && runs_of(&floor_costs, "floor_exit") >= pairs
+            && runs_of(&exact_costs, "malloc_enter") >= pairs
+            && runs_of(&exact_costs, "malloc_exit") >= pairs
+            && runs_of(&exact_costs, "free_enter") >= pairs,
+        "the programs ran fewer times than the fixture called: floor {floor_costs:?}, exact {exact_costs:?}"
+    );
+    Ok(Breakdown {
+        floor: floor_costs,
+        exact: exact_costs,
     })
 }
 

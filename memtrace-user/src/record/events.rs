@@ -288,7 +288,7 @@ impl Encoder {
                 self.state.addr = *addr;
             }
             Event::Exit { pid, ts_ns } => self.start(*pid, EXIT, *ts_ns),
-            Event::Exec { pid, ts_ns } => self.start(*pid, EXEC, *ts_ns),
+            Event::Exec { pid, ts_ns, .. } => self.start(*pid, EXEC, *ts_ns),
             Event::Oom(o) => {
                 self.start(o.pid, OOM, o.ts_ns);
                 for v in [o.total_vm, o.anon_rss, o.file_rss, o.shmem_rss, o.pgtables] {
@@ -435,7 +435,11 @@ pub fn decode(
             }
             EXEC => {
                 st.ts = get_delta(buf, st.ts)?;
-                each(Event::Exec { pid, ts_ns: st.ts });
+                each(Event::Exec {
+                    pid,
+                    ts_ns: st.ts,
+                    comm: None,
+                });
             }
             OOM => {
                 st.ts = get_delta(buf, st.ts)?;
@@ -709,6 +713,7 @@ mod tests {
             Event::Exec {
                 pid: 10,
                 ts_ns: 500,
+                comm: None,
             },
             alloc(10, 11, 1_000_000, 0x5000_0010, 64, None),
             Event::Rss(Rss {
@@ -873,6 +878,7 @@ mod tests {
             Event::Exec {
                 pid: 10,
                 ts_ns: 1_600_000,
+                comm: None,
             },
             Event::Exit {
                 pid: 10,

@@ -495,6 +495,7 @@ mod tests {
                 Event::Exec {
                     pid: 8,
                     ts_ns: 3600,
+                    comm: None,
                 },
                 false,
             ),

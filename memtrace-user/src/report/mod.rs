@@ -234,6 +234,9 @@ pub struct Report {
     pub traced_calls: u64,
     /// Where probes were attached.
     pub probes: Vec<Probes>,
+    /// Time memtrace's eBPF programs ran (`--probe-cost`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub probe_cost: Vec<ProgramCost>,
     /// For a report from a recording: how much of it could be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recording: Option<crate::record::reader::Integrity>,
@@ -522,6 +525,27 @@ pub struct Ledger {
     pub decode_errors: u64,
     /// Traced calls.
     pub traced_calls: u64,
+    /// Time memtrace's eBPF programs ran, with `--probe-cost`; else empty.
+    pub probe_cost: Vec<ProgramCost>,
+}
+
+/// The time one eBPF program ran, as the kernel's BPF statistics count it
+/// (the program's own run, not the trap that led to it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ProgramCost {
+    /// Program name, e.g. `malloc_exit`.
+    pub program: String,
+    /// Times it ran.
+    pub runs: u64,
+    /// Nanoseconds it ran, in all.
+    pub run_ns: u64,
+}
+
+impl ProgramCost {
+    /// Mean nanoseconds per run.
+    pub fn ns_per_run(&self) -> f64 {
+        self.run_ns as f64 / self.runs.max(1) as f64
+    }
 }
 
 /// Builds the report of everything the aggregator holds.
@@ -553,6 +577,7 @@ pub fn build(
         lost,
         traced_calls: ledger.traced_calls,
         probes: probes.to_vec(),
+        probe_cost: ledger.probe_cost.clone(),
         recording: None,
     }
 }

@@ -55,6 +55,18 @@ pub fn render(r: &Report, view: View, out: &mut dyn Write) -> io::Result<()> {
         }
         writeln!(out)?;
     }
+    if !r.probe_cost.is_empty() {
+        let costs: Vec<String> = r
+            .probe_cost
+            .iter()
+            .map(|c| format!("{} {:.0} ns x {}", c.program, c.ns_per_run(), group(c.runs)))
+            .collect();
+        writeln!(
+            out,
+            "probe cost (eBPF run time per call): {}",
+            costs.join(", ")
+        )?;
+    }
     for p in &shown {
         writeln!(out)?;
         process_header(p, out)?;
@@ -675,6 +687,7 @@ pub(crate) mod tests {
             kernel: vec![("ringbuf_full", 0), ("stack_lost", 1)],
             decode_errors: 0,
             traced_calls: 61,
+            probe_cost: Vec::new(),
         };
         let probes = [Probes {
             module: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
