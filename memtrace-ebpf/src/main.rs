@@ -29,7 +29,10 @@ use aya_ebpf::{
     bindings::{
         BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, pt_regs,
     },
-    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
+    },
     macros::{map, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
@@ -80,6 +83,15 @@ pub(crate) static INFLIGHT: HashMap<u32, InflightStack> = HashMap::with_max_entr
 /// Per-CPU room to build an [`AllocRecord`] (too large for the BPF stack).
 #[map]
 static SCRATCH: PerCpuArray<AllocRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// The most user stack copied in one read: a page (see [`user_stack`]).
+const PAGE: usize = 4096;
+
+/// Per-CPU room for that copy, plus one word never written: indices masked
+/// to the page's size, plus one, stay inside the map value, which is what
+/// the verifier checks.
+#[map]
+static WINDOW: PerCpuArray<[u64; PAGE / 8 + 1]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Loss and load counters, one slot per [`Counter`].
 #[map]
@@ -166,19 +178,63 @@ pub(crate) fn wake_flags() -> u64 {
 /// more here than the uprobe itself. This walk stops at a null, misaligned
 /// or non-increasing frame pointer (frames live at ever higher addresses),
 /// or at a read that fails.
+///
+/// The [`PAGE`] bytes of stack from the first frame record up are copied in
+/// one read, and the records inside them are read from the copy: each
+/// `bpf_probe_read_user` costs a call, a fault-proof copy and a
+/// hardened-usercopy check, ~0.1 µs here, more than copying the page, and a
+/// stack of 30 frames read one by one cost 4 µs. Where those bytes run past
+/// the end of the stack's mapping, the read fails, and the rest of the
+/// record's own page is copied instead (that cannot fail while the record is
+/// readable). Records beyond the copy are read one by one. Both reads happen
+/// before the walk, so the verifier checks the walk once, not per copy.
 #[inline(always)]
 fn user_stack(regs: &pt_regs, frames: &mut [u64; MAX_FRAMES]) -> u16 {
     frames[0] = regs.rip;
+    let Some(window) = WINDOW.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's own slot; programs do not migrate mid-run.
+    let window = unsafe { &mut *window };
     let mut fp = regs.rbp;
+    let start = fp;
+    // The copy holds [start, start + len) of the stack.
+    let mut len = 0;
+    if fp != 0 && fp & 7 == 0 {
+        let rest = PAGE - (fp as usize & (PAGE - 1));
+        for size in [PAGE, rest] {
+            if len == 0 && size >= 16 && size <= PAGE {
+                // SAFETY: the helper writes at most `size` ≤ PAGE bytes into
+                // the slot, which holds PAGE + 8.
+                let copied = unsafe {
+                    let bytes =
+                        core::slice::from_raw_parts_mut(window.as_mut_ptr().cast::<u8>(), size);
+                    bpf_probe_read_user_buf(fp as *const u8, bytes)
+                };
+                if copied.is_ok() {
+                    len = size as u64;
+                }
+            }
+        }
+    }
     let mut n = 1;
     while n < MAX_FRAMES {
         if fp == 0 || fp & 7 != 0 {
             break;
         }
         // [fp] is the caller's frame pointer, [fp + 8] the return address.
-        // SAFETY: reads user memory through a checked helper.
-        let Ok(frame) = (unsafe { bpf_probe_read_user(fp as *const [u64; 2]) }) else {
-            break;
+        let frame = if fp >= start && fp - start + 16 <= len {
+            let i = ((fp - start) / 8) as usize & (PAGE / 8 - 1);
+            match (window.get(i), window.get(i + 1)) {
+                (Some(&next), Some(&ret)) => [next, ret],
+                _ => break,
+            }
+        } else {
+            // SAFETY: reads user memory through a checked helper.
+            match unsafe { bpf_probe_read_user(fp as *const [u64; 2]) } {
+                Ok(frame) => frame,
+                Err(_) => break,
+            }
         };
         if frame[1] == 0 {
             break;
