@@ -379,7 +379,7 @@ fn breakdown(bins: &Bins, pairs: u64) -> anyhow::Result<Breakdown> {
         runs_of(&floor_costs, "floor_enter") >= 2 * pairs
             && runs_of(&floor_costs, "floor_exit") >= pairs
             && runs_of(&exact_costs, "malloc_enter") >= pairs
-            && runs_of(&exact_costs, "malloc_exit") >= pairs
+            && runs_of(&exact_costs, "alloc_exit") >= pairs
             && runs_of(&exact_costs, "free_enter") >= pairs,
         "the programs ran fewer times than the fixture called: floor {floor_costs:?}, exact {exact_costs:?}"
     );
