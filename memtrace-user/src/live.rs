@@ -1,7 +1,7 @@
 //! The live-block table: address → (size, stack, allocation time) for every
 //! block allocated and not yet freed, the largest thing memtrace holds.
 //!
-//! Two choices keep it small, because a process can hold millions of blocks:
+//! Three choices keep it small, because a process can hold millions of blocks:
 //! - an entry is 24 bytes (address, 32-bit size, stack id, time): sizes of
 //!   4 GiB and more are rare, so they live exactly in a side map;
 //! - the table is split into [`SHARDS`] hash tables that grow one at a time,
@@ -12,7 +12,8 @@
 //!   log scale over a factor of two, so they reach hashbrown's power-of-two
 //!   thresholds at different moments. Equal shards would all double at once,
 //!   and just past that point the whole table would sit at 44% load; staggered
-//!   ones average about 63% whatever the number of blocks.
+//!   ones sit between 44% and 87.5% load spread evenly in log scale, about
+//!   63% on average, whatever the number of blocks.
 //!
 //! It only stores blocks; what a block means is the aggregator's.
 
