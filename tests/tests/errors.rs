@@ -78,3 +78,82 @@ fn error_bad_option() {
         output.stderr
     );
 }
+
+/// PID 2 is kthreadd on Linux: a kernel thread has no user memory.
+#[test]
+fn error_kernel_thread() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let output = Memtrace::spawn(["-p", "2"]).wait();
+    output.assert_error(&["2", "kernel thread"]);
+}
+
+/// The report's path is checked before anything is traced.
+#[test]
+fn error_unwritable_output() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let output = Memtrace::spawn(["-o", "/nonexistent-dir/report.txt", "--", "true"]).wait();
+    output.assert_error(&["/nonexistent-dir/report.txt"]);
+}
+
+#[test]
+fn error_unknown_command() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let output = Memtrace::spawn(["--", "/nonexistent-dir/program"]).wait();
+    output.assert_error(&["not found", "/nonexistent-dir/program"]);
+}
+
+/// Options that each make sense alone but not together.
+#[test]
+fn error_conflicting_options() {
+    let _machine = shared_machine();
+    Memtrace::spawn(["-p", "1", "--", "true"])
+        .wait()
+        .assert_error(&["--pid"]);
+    Memtrace::spawn(["--format", "flamegraph", "--view", "memory"])
+        .wait()
+        .assert_error(&["flamegraph", "memory"]);
+}
+
+/// `memtrace report` on what is not a recording, on a recording cut inside
+/// its header, and on one of a newer format: one line each, nothing read.
+#[test]
+fn error_report_of_a_bad_file() {
+    let _machine = shared_machine();
+    let dir = std::env::temp_dir().join(format!("memtrace-test-bad-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("create temp dir");
+    let file = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        fs::write(&path, bytes).expect("write test file");
+        path.to_string_lossy().into_owned()
+    };
+    let text = file("text", b"hello, not a recording at all\n");
+    let short = file("short", b"MEMTRACE");
+    let mut newer = b"MEMTRACE".to_vec();
+    newer.extend_from_slice(&u32::MAX.to_le_bytes());
+    newer.extend_from_slice(&[0; 4]);
+    let newer = file("newer", &newer);
+    let missing = dir.join("missing").to_string_lossy().into_owned();
+
+    Memtrace::spawn(["report", text.as_str()])
+        .wait()
+        .assert_error(&[&text, "not a memtrace recording"]);
+    Memtrace::spawn(["report", short.as_str()])
+        .wait()
+        .assert_error(&[&short, "shorter than a recording's header"]);
+    Memtrace::spawn(["report", newer.as_str()])
+        .wait()
+        .assert_error(&[&newer, "format version"]);
+    Memtrace::spawn(["report", missing.as_str()])
+        .wait()
+        .assert_error(&[&missing]);
+    let _ = fs::remove_dir_all(&dir);
+}

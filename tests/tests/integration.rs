@@ -10,12 +10,14 @@
 //! - `errors`: the error convention (status 2, `memtrace: ...`, `hint: ...`).
 //! - `recording`: `memtrace record` / `--record`, then `memtrace report` in
 //!   every view and format, `memtrace diff`, and damaged recordings.
+//! - `shutdown`: SIGTERM's final report; SIGKILL leaves no program or probe.
 
 mod cmd;
 mod errors;
 mod pid;
 mod recording;
 mod resident;
+mod shutdown;
 mod system_wide;
 
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};

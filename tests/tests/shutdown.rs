@@ -1,0 +1,100 @@
+//! How memtrace stops: SIGTERM gives the final report like Ctrl-C; SIGKILL
+//! gives it no chance to clean up, so the kernel must drop its probes and
+//! programs with its file descriptors. The target runs on unharmed either way.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use memtrace_tests::{Fixture, Memtrace, fixture, process_by_comm, require_root};
+
+use crate::{REPORT_ARGS, exclusive_machine, shared_machine};
+
+/// Ids of the BPF programs loaded on the host that carry one of memtrace's
+/// allocator program names.
+fn memtrace_programs() -> BTreeSet<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| {
+            matches!(
+                p.name_as_str(),
+                Some("alloc_exit" | "free_enter" | "malloc_enter")
+            )
+        })
+        .map(|p| p.id())
+        .collect()
+}
+
+#[test]
+fn sigkill_leaves_no_probe_behind() {
+    if !require_root() {
+        return;
+    }
+    // Alone on the machine: other tests' memtraces load the same programs.
+    let _machine = exclusive_machine();
+    let before = memtrace_programs();
+    let uprobe_events = || std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").ok();
+    let events_before = uprobe_events();
+
+    let mut target = Fixture::spawn(fixture("alloc_fixture"), ["--wait"]);
+    target.wait_ready();
+    let pid = target.pid().to_string();
+    let mut memtrace = Memtrace::spawn(["-p", pid.as_str(), "--format", "json"]);
+    memtrace.wait_tracing();
+    let ours: BTreeSet<u32> = memtrace_programs().difference(&before).copied().collect();
+    assert!(
+        ours.len() >= 3,
+        "memtrace's allocator programs should be loaded while it traces; found {ours:?}"
+    );
+
+    memtrace.signal(libc::SIGKILL);
+    let _ = memtrace.wait();
+    // The kernel releases programs once their last link and fd are gone,
+    // after an RCU grace period per probe.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut left: BTreeSet<u32> = ours.clone();
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        left = memtrace_programs().intersection(&ours).copied().collect();
+    }
+    assert!(
+        left.is_empty(),
+        "programs {left:?} of the killed memtrace are still loaded 10 s later"
+    );
+    assert_eq!(
+        uprobe_events(),
+        events_before,
+        "the killed memtrace left uprobe events in tracefs"
+    );
+
+    // The target, probed until a moment ago, does its work and exits cleanly.
+    target.go();
+    target.wait_done();
+    target.finish_ok();
+}
+
+#[test]
+fn sigterm_gives_the_final_report() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let mut target = Fixture::spawn(fixture("alloc_fixture"), ["--wait"]);
+    target.wait_ready();
+    let pid = target.pid().to_string();
+    let mut args: Vec<&str> = vec!["-p", pid.as_str()];
+    args.extend(REPORT_ARGS);
+    let mut memtrace = Memtrace::spawn(args);
+    memtrace.wait_tracing();
+    target.go();
+    target.wait_done();
+    memtrace.signal(libc::SIGTERM);
+    let output = memtrace.wait();
+    output.assert_status(0);
+    let report = output.json();
+    let process = process_by_comm(&report, "alloc_fixture");
+    assert!(
+        process["total_count"].as_u64().is_some_and(|n| n > 0),
+        "the report after SIGTERM should hold the fixture's allocations:\n{process:#}"
+    );
+    target.finish_ok();
+}
