@@ -954,3 +954,113 @@ mod tests {
         assert_eq!(tl.points.last().unwrap().1, 0);
     }
 }
+
+/// Properties of the accounting over random event sequences (proptest: a
+/// short run in every `cargo test`; `PROPTEST_CASES=100000` for a long one).
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use memtrace_common::AllocFn;
+
+    const PID: u32 = 7;
+
+    /// One call of a program with 16 addresses and 4 stacks: frees of
+    /// blocks never allocated, double frees and reuse without a seen free
+    /// all happen.
+    #[derive(Clone, Debug)]
+    enum Call {
+        Malloc { slot: u64, size: u64, stack: u64 },
+        Free { slot: u64 },
+        Realloc { old: u64, new: u64, size: u64 },
+    }
+
+    fn call() -> impl Strategy<Value = Call> {
+        prop_oneof![
+            (0..16u64, 0..5000u64, 0..4u64).prop_map(|(slot, size, stack)| Call::Malloc {
+                slot,
+                size,
+                stack
+            }),
+            (0..16u64).prop_map(|slot| Call::Free { slot }),
+            (0..16u64, 0..16u64, 0..5000u64).prop_map(|(old, new, size)| Call::Realloc {
+                old,
+                new,
+                size
+            }),
+        ]
+    }
+
+    fn event(c: &Call, ts: u64) -> Event {
+        let addr = |slot: u64| 0x1000 + slot * 0x100;
+        let alloc = |addr, size, stack: u64, func, old_addr| {
+            Event::Alloc(Alloc {
+                pid: PID,
+                tid: PID,
+                ts_ns: ts,
+                entry_ts_ns: ts - 1,
+                addr,
+                size,
+                func,
+                old_addr,
+                stack: vec![0x40_0000 + stack, 0x40_1000],
+            })
+        };
+        match *c {
+            Call::Malloc { slot, size, stack } => {
+                alloc(addr(slot), size, stack, AllocFn::Malloc, None)
+            }
+            Call::Free { slot } => Event::Free {
+                pid: PID,
+                ts_ns: ts,
+                addr: addr(slot),
+            },
+            Call::Realloc { old, new, size } => {
+                alloc(addr(new), size, 9, AllocFn::Realloc, Some(addr(old)))
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn totals_stacks_and_live_blocks_agree(
+            calls in prop::collection::vec(call(), 0..400),
+            min in 0..64u64,
+        ) {
+            let config = Config {
+                filter: SizeFilter { min, max: 4000 },
+                ..Config::default()
+            };
+            let mut agg = Aggregator::new(config);
+            for (i, c) in calls.iter().enumerate() {
+                agg.on_event(&event(c, 10 + 10 * i as u64));
+                let Some(p) = agg.running(PID) else { continue };
+                let t = p.totals;
+                // Live is what was allocated and not freed, in bytes and blocks.
+                prop_assert_eq!(t.live_bytes, t.total_bytes - t.freed_bytes);
+                prop_assert_eq!(t.live_count, t.total_count - t.freed_count);
+                // The live table holds exactly the live blocks counted.
+                let (bytes, count) = p
+                    .live_blocks()
+                    .fold((0, 0), |(b, n), (_, size)| (b + size, n + 1));
+                prop_assert_eq!((bytes, count), (t.live_bytes, t.live_count));
+                // Every counted block is inside the size filter.
+                prop_assert!(p.live_blocks().all(|(_, size)| (min..=4000).contains(&size)));
+                // The stacks add up to the process.
+                let mut sum = Stats::default();
+                for s in p.stacks() {
+                    sum.live_bytes += s.stats.live_bytes;
+                    sum.live_count += s.stats.live_count;
+                    sum.total_bytes += s.stats.total_bytes;
+                    sum.total_count += s.stats.total_count;
+                    sum.freed_bytes += s.stats.freed_bytes;
+                    sum.freed_count += s.stats.freed_count;
+                }
+                prop_assert_eq!(sum, t);
+                // The peak is at least what is live now.
+                prop_assert!(p.peak.bytes >= t.live_bytes);
+            }
+        }
+    }
+}

@@ -681,3 +681,82 @@ mod tests {
         assert_eq!(decode(&kind), Err(DecodeError::Kind(42)));
     }
 }
+
+/// The decoder on bytes the kernel never wrote (proptest: a short run in
+/// every `cargo test`; `PROPTEST_CASES=100000` for a long one): an error or
+/// an event, never a panic, and never more frames than a record can hold.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn header(kind: u16) -> Vec<u8> {
+        let h = Header {
+            version: EVENT_ABI,
+            kind,
+            tgid: 7,
+            tid: 7,
+            _reserved: 0,
+            ts_ns: 100,
+        };
+        // SAFETY: a `#[repr(C)]` record of integers, viewed as its bytes.
+        unsafe {
+            std::slice::from_raw_parts((&h as *const Header).cast::<u8>(), size_of::<Header>())
+        }
+        .to_vec()
+    }
+
+    fn frames_ok(ev: &Event) -> bool {
+        ev.stack().is_none_or(|s| s.len() <= MAX_FRAMES)
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_or_fail(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            if let Ok(ev) = decode(&bytes) {
+                prop_assert!(frames_ok(&ev));
+            }
+        }
+
+        #[test]
+        fn any_body_behind_a_valid_header_decodes_or_fails(
+            kind in 0u16..12,
+            body in prop::collection::vec(any::<u8>(), 0..1400),
+        ) {
+            let mut bytes = header(kind);
+            bytes.extend_from_slice(&body);
+            if let Ok(ev) = decode(&bytes) {
+                prop_assert!(frames_ok(&ev));
+            }
+        }
+
+        #[test]
+        fn damaged_alloc_records_decode_or_fail(
+            flips in prop::collection::vec((any::<prop::sample::Index>(), 1..=255u8), 0..6),
+            keep in any::<prop::sample::Index>(),
+            frames in prop::collection::vec(any::<u64>(), 0..40),
+        ) {
+            let a = Alloc {
+                pid: 7,
+                tid: 8,
+                ts_ns: 100,
+                entry_ts_ns: 90,
+                addr: 0x1000,
+                size: 64,
+                func: AllocFn::Malloc,
+                old_addr: None,
+                stack: frames,
+            };
+            let mut bytes = encode_alloc(&a);
+            for (at, x) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] ^= x;
+            }
+            bytes.truncate(keep.index(bytes.len() + 1));
+            if let Ok(ev) = decode(&bytes) {
+                prop_assert!(frames_ok(&ev));
+            }
+        }
+    }
+}

@@ -596,4 +596,33 @@ mod tests {
             .unwrap();
         eprintln!("{path}: {n} events, {bytes} bytes");
     }
+
+    proptest::proptest! {
+        /// A recording damaged anywhere (bytes changed, cut short) reads as
+        /// an error or as fewer events, never a panic and never more events.
+        #[test]
+        fn damaged_recordings_read_or_fail(
+            flips in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), 1..=255u8),
+                0..6,
+            ),
+            keep in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("r");
+            let evs = events(300);
+            write(&path, &evs, true);
+            let mut bytes = std::fs::read(&path).unwrap();
+            for (at, x) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] ^= x;
+            }
+            bytes.truncate(keep.index(bytes.len() + 1));
+            std::fs::write(&path, &bytes).unwrap();
+            let mut n = 0;
+            if replay(&path, |_| n += 1).is_ok() {
+                proptest::prop_assert!(n <= evs.len(), "{} events read from {} written", n, evs.len());
+            }
+        }
+    }
 }
