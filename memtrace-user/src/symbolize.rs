@@ -57,11 +57,17 @@ pub struct Frame {
     #[serde(serialize_with = "hex")]
     pub address: u64,
     /// Offset of the address in `module` (for the kernel image, the address
-    /// itself; for a loadable module, from where it is loaded).
-    #[serde(skip)]
+    /// itself; for a loadable module, from where it is loaded): with the
+    /// build-id, what symbolizes the frame later, elsewhere, when the binary
+    /// here has no symbols.
+    #[serde(
+        rename = "offset",
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "hex_opt"
+    )]
     pub module_offset: Option<u64>,
     /// GNU build-id of `module`, hex, when it has one.
-    #[serde(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub build_id: Option<String>,
 }
 
@@ -85,6 +91,13 @@ impl Frame {
 
 fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{v:#x}"))
+}
+
+fn hex_opt<S: serde::Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => hex(v, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// What reports need from symbolization. Production uses [`Symbols`]; tests

@@ -135,3 +135,48 @@ fn probe_cost_counts_every_traced_call() {
         "probe_cost without --probe-cost"
     );
 }
+
+/// A stripped binary has no symbols: its frames are reported as module +
+/// offset with the file's build-id, never dropped, and every byte is still
+/// counted (the call sites are the C fixture's, by their exact totals).
+#[test]
+fn stripped_binary_frames_keep_module_and_offset() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let dir = memtrace_tests::temp::TempPath::new("stripped");
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    let program = dir.join("alloc_stripped");
+    std::fs::copy(fixture("alloc_fixture"), &program).expect("copy the fixture");
+    let strip = std::process::Command::new("strip")
+        .arg(&program)
+        .status()
+        .expect("run strip (binutils)");
+    assert!(strip.success(), "strip failed: {strip}");
+
+    let (_, report) = trace_command(&program, &[], 0);
+    let process = process_by_comm(&report, "alloc_stripped");
+    assert_totals(process, truth::totals_of(c::SITES, 1));
+    assert_no_losses(&report, process);
+
+    let path = program.to_string_lossy();
+    let mut own = 0;
+    for stack in process["stacks"].as_array().expect("stacks") {
+        let frames = stack["frames"].as_array().expect("frames");
+        assert!(!frames.is_empty(), "a stack without frames: {stack}");
+        for f in frames.iter().filter(|f| f["module"] == *path) {
+            own += 1;
+            assert!(
+                f["function"].is_null(),
+                "a stripped binary named a function: {f}"
+            );
+            assert!(
+                f["offset"].as_str().is_some_and(|o| o.starts_with("0x"))
+                    && f["build_id"].as_str().is_some_and(|b| !b.is_empty()),
+                "a frame in the stripped binary lacks its offset or build-id: {f}"
+            );
+        }
+    }
+    assert!(own > 0, "no frame in the stripped binary:\n{process:#}");
+}
