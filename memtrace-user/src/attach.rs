@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use memtrace_common::AllocFn;
-use object::{Object, ObjectSegment, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 
 use crate::error::{Result, UserError};
 use crate::maps::{self, Mapping};
@@ -132,25 +132,71 @@ pub fn host_libraries() -> Vec<Library> {
     libs
 }
 
+/// The file a program name runs: a path, or a name looked up on PATH.
+fn program_path(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
 /// Whether a program (a path, or a name on PATH) names libstdc++ among its
 /// needed libraries. A program that loads it later with dlopen is missed;
 /// its `new` calls are still seen through `malloc`, with one frame less.
 pub fn links_libstdcxx(program: &str) -> bool {
-    let path = if program.contains('/') {
-        Some(PathBuf::from(program))
-    } else {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(program))
-                .find(|p| p.is_file())
-        })
-    };
-    let Some(data) = path.and_then(|p| std::fs::read(p).ok()) else {
+    program_path(program)
+        .and_then(|p| std::fs::read(p).ok())
+        .is_some_and(|data| needs(&data, b"libstdc++.so"))
+}
+
+/// Whether an ELF image's dynamic string table names `lib` (its DT_NEEDED
+/// names live there; their bytes are enough of a test).
+fn needs(data: &[u8], lib: &[u8]) -> bool {
+    let Ok(file) = object::File::parse(data) else {
         return false;
     };
-    // DT_NEEDED names live in .dynstr; their bytes are enough of a test.
-    data.windows(b"libstdc++.so".len())
-        .any(|w| w == b"libstdc++.so")
+    file.section_by_name(".dynstr")
+        .and_then(|s| s.data().ok())
+        .is_some_and(|d| d.windows(lib.len()).any(|w| w == lib))
+}
+
+/// What kind of program a binary is, as far as probing its allocator goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramKind {
+    /// Linked against a shared libc: its malloc can be probed.
+    SharedLibc,
+    /// A Go program without cgo: Go's own heap, and no C library at all.
+    Go,
+    /// Statically linked (or against another C library): no libc.so.6.
+    NoSharedLibc,
+    /// Not an ELF file memtrace can read.
+    Unknown,
+}
+
+/// The kind of the ELF binary at `path`.
+pub fn program_kind(path: &Path) -> ProgramKind {
+    let Ok(data) = std::fs::read(path) else {
+        return ProgramKind::Unknown;
+    };
+    let Ok(file) = object::File::parse(&*data) else {
+        return ProgramKind::Unknown;
+    };
+    if needs(&data, b"libc.so.6") {
+        ProgramKind::SharedLibc
+    } else if file.section_by_name(".go.buildinfo").is_some() {
+        ProgramKind::Go
+    } else {
+        ProgramKind::NoSharedLibc
+    }
+}
+
+/// The kind of a program named on the command line (a path, or on PATH).
+pub fn command_kind(program: &str) -> ProgramKind {
+    program_path(program).map_or(ProgramKind::Unknown, |p| program_kind(&p))
 }
 
 /// One allocator function to probe.

@@ -123,6 +123,12 @@ fn plan(args: &TargetArgs, child: Option<&GatedChild>) -> Result<Vec<(Library, O
         let mut libs = attach::host_libraries();
         // Without libstdc++ there is no `operator new` to probe; each probe
         // costs time to attach and detach.
+        match attach::command_kind(&args.command[0]) {
+            kind @ (attach::ProgramKind::Go | attach::ProgramKind::NoSharedLibc) => {
+                return Err(no_libc(&args.command[0], kind));
+            }
+            attach::ProgramKind::SharedLibc | attach::ProgramKind::Unknown => {}
+        }
         if !attach::links_libstdcxx(&args.command[0]) {
             libs.retain(|l| l.kind != LibKind::Libstdcxx);
         }
@@ -145,13 +151,9 @@ fn plan(args: &TargetArgs, child: Option<&GatedChild>) -> Result<Vec<(Library, O
                 )
             })?;
             if !libs.iter().any(|l| l.kind == LibKind::Libc) {
-                return Err(UserError::new(
-                    format!(
-                        "PID {pid} ({}) does not map libc: it may be statically linked or use another C library",
-                        target::comm(pid)
-                    ),
-                    "memtrace traces glibc's allocator (libc.so.6); static binaries and musl are not supported yet",
-                ));
+                let what = format!("PID {pid} ({})", target::comm(pid));
+                let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
+                return Err(no_libc(&what, attach::program_kind(&exe)));
             }
             out.extend(libs.into_iter().map(|l| (l, Some(pid))));
         }
@@ -618,5 +620,26 @@ fn write_oom_reports(
                 path.display()
             ),
         }
+    }
+}
+
+/// The error for a target without a shared libc to probe: a Go program, or
+/// a static one (or one on another C library). `what` names it.
+fn no_libc(what: &str, kind: attach::ProgramKind) -> UserError {
+    if kind == attach::ProgramKind::Go {
+        UserError::new(
+            format!(
+                "{what} is a Go program: its heap is the Go runtime's own, not libc's malloc, and \
+                 uretprobes break Go code (the runtime moves goroutine stacks)"
+            ),
+            "profile a Go heap with Go's pprof (runtime/pprof, net/http/pprof); memtrace traces C allocators",
+        )
+    } else {
+        UserError::new(
+            format!(
+                "{what} does not use a shared libc: it may be statically linked or use another C library"
+            ),
+            "memtrace traces glibc's allocator (libc.so.6); static binaries and musl are not supported yet",
+        )
     }
 }

@@ -157,3 +157,52 @@ fn error_report_of_a_bad_file() {
         .assert_error(&[&missing]);
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// A static program started by memtrace: refused before it runs, not traced
+/// in silence (its malloc is not the host libc's).
+#[test]
+fn error_static_command() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let program = fixture("static_fixture");
+    let output = Memtrace::spawn([std::ffi::OsStr::new("--"), program.as_os_str()]).wait();
+    output.assert_error(&["static_fixture", "shared libc"]);
+}
+
+/// A Go program (no cgo), started by memtrace or running: refused with a
+/// message that names Go.
+#[test]
+fn error_go_program() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let dir = memtrace_tests::temp::TempPath::new("go");
+    fs::create_dir_all(&dir).expect("create temp dir");
+    let binary = dir.join("go_fixture");
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/go_fixture.go");
+    let built = std::process::Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .env("CGO_ENABLED", "0")
+        .env("GOCACHE", dir.join("cache"))
+        .env("HOME", dir.path())
+        .status()
+        .expect("run go build (Debian package golang-go)");
+    assert!(built.success(), "go build failed: {built}");
+
+    let output = Memtrace::spawn([std::ffi::OsStr::new("--"), binary.as_os_str()]).wait();
+    output.assert_error(&["go_fixture", "Go program"]);
+
+    let mut go = Fixture::spawn(&binary, std::iter::empty::<&str>());
+    go.wait_line("ready");
+    let pid = go.pid().to_string();
+    let output = Memtrace::spawn(["-p", pid.as_str()]).wait();
+    output.assert_error(&[&pid, "Go program"]);
+    go.go();
+    go.wait_line("done 100");
+    go.finish_ok();
+}
