@@ -348,6 +348,16 @@ fn attach_uprobe(
         .try_into()
         .map_err(|e| internal(name, e))?;
     let id = prog.attach(site.probe, &lib.path, scope).map_err(|e| {
+        // A pid-scoped probe fails once its process is gone: say that, not
+        // that the kernel lacks uprobes.
+        if let UProbeScope::OneProcess(pid) = scope
+            && crate::target::has_exited(pid.get())
+        {
+            return UserError::new(
+                format!("PID {pid} exited while memtrace was attaching its probes; nothing was traced"),
+                "trace a process that keeps running, or start the program under memtrace: memtrace -- CMD",
+            );
+        }
         UserError::new(
             format!(
                 "attaching {name} to {} at offset {:#x} ({}+{}) failed: {e}",

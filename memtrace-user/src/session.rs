@@ -145,6 +145,12 @@ fn plan(args: &TargetArgs, child: Option<&GatedChild>) -> Result<Vec<(Library, O
         for &pid in &args.pids {
             target::check_pid(pid)?;
             let libs = attach::libraries_of(pid).map_err(|e| {
+                if target::has_exited(pid) {
+                    return UserError::new(
+                        format!("PID {pid} exited while memtrace was attaching; nothing was traced"),
+                        "trace a process that keeps running, or start the program under memtrace: memtrace -- CMD",
+                    );
+                }
                 UserError::new(
                     format!("cannot read the memory map of PID {pid}: {e}"),
                     "run memtrace as root",

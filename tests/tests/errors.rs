@@ -206,3 +206,40 @@ fn error_go_program() {
     go.wait_line("done 100");
     go.finish_ok();
 }
+
+/// A process that exits while memtrace attaches, at every moment of the
+/// attach: memtrace either traced it (status 0) or says, in one line naming
+/// the PID, that it is gone. Never a crash, a hang or a wrong hint.
+#[test]
+fn error_pid_exits_while_attaching() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    for delay_ms in [0u64, 20, 40, 60, 80, 100, 130, 160, 200, 250] {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.25")
+            .spawn()
+            .expect("run sleep");
+        let pid = child.id().to_string();
+        // Reaped as soon as it exits, so memtrace never sees a zombie.
+        let reaper = std::thread::spawn(move || child.wait());
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let output = Memtrace::spawn(["-p", pid.as_str(), "--output", "/dev/null"]).wait();
+        if output.status.code() == Some(0) {
+            assert!(
+                output.stderr.contains(&format!("tracing PID {pid}")),
+                "memtrace exited 0 without tracing (delay {delay_ms} ms)\nstderr:\n{}",
+                output.stderr
+            );
+        } else {
+            output.assert_error(&[&pid]);
+            assert!(
+                !output.stderr.contains("CONFIG_UPROBE_EVENTS"),
+                "a vanished process is not a kernel without uprobes (delay {delay_ms} ms)\nstderr:\n{}",
+                output.stderr
+            );
+        }
+        let _ = reaper.join();
+    }
+}
