@@ -45,6 +45,12 @@ const FIXTURES: &[Fixture] = &[
         cxx: false,
         flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
     },
+    Fixture {
+        source: "threads_fixture.c",
+        output: "threads_fixture",
+        cxx: false,
+        flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
+    },
     // No libc.so in this one: the "target without libc" error case.
     Fixture {
         source: "static_fixture.c",

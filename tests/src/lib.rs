@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 pub use fixture::Fixture;
 pub use memtrace::{Memtrace, Output};
 pub use report::{
-    Site, Totals, assert_caller_frame, assert_no_losses, assert_site, assert_totals,
-    matching_stacks, process, process_by_comm, site, totals,
+    Site, Totals, assert_caller_frame, assert_no_losses, assert_no_lost_events, assert_site,
+    assert_totals, matching_stacks, process, process_by_comm, site, totals,
 };
 pub use temp::TempPath;
 
@@ -60,7 +60,7 @@ pub fn memtrace_bin() -> PathBuf {
 }
 
 /// Path of a fixture compiled by `build.rs`: `alloc_fixture`, `cxx_fixture`,
-/// `phases_fixture` or `static_fixture`. (The Rust fixture is a cargo binary: integration tests
+/// `phases_fixture`, `threads_fixture` or `static_fixture`. (The Rust fixture is a cargo binary: integration tests
 /// get it from `env!("CARGO_BIN_EXE_rust_fixture")`.)
 pub fn fixture(name: &str) -> PathBuf {
     let path = Path::new(FIXTURE_DIR).join(name);

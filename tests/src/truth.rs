@@ -141,6 +141,24 @@ pub mod rust {
     ];
 }
 
+/// `fixtures/threads_fixture.c`: per thread, one block kept and one freed at
+/// once, each from its own function (`assert_sites` with the thread count as
+/// the workers).
+pub mod threads {
+    use super::*;
+
+    /// Threads the fixture starts by default (in waves of 100): more over
+    /// the run than memtrace's in-flight table holds (16,384).
+    pub const THREADS: u64 = 20_000;
+    /// One malloc(100) per thread, kept.
+    pub const THREAD_LEAK: Site = leaked(1, 100);
+    /// One malloc(200) per thread, freed at once.
+    pub const THREAD_CHURN: Site = freed(1, 200);
+
+    pub const SITES: &[(&str, Site)] =
+        &[("thread_leak", THREAD_LEAK), ("thread_churn", THREAD_CHURN)];
+}
+
 /// `fixtures/phases_fixture.c`. Without `--churn` it runs, in order,
 /// temporaries, build_table, a 30 ms sleep, drop_table and keep_small, and
 /// allocates nothing else (the fixture protocol does not allocate either).
