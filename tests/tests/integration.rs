@@ -10,7 +10,8 @@
 //! - `errors`: the error convention (status 2, `memtrace: ...`, `hint: ...`).
 //! - `recording`: `memtrace record` / `--record`, then `memtrace report` in
 //!   every view and format, `memtrace diff`, and damaged recordings.
-//! - `shutdown`: SIGTERM's final report; SIGKILL leaves no program or probe.
+//! - `shutdown`: SIGTERM's final report; SIGKILL leaves no program or probe;
+//!   a SIGKILLed target is reported whole.
 
 mod cmd;
 mod errors;

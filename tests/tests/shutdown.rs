@@ -1,11 +1,15 @@
-//! How memtrace stops: SIGTERM gives the final report like Ctrl-C; SIGKILL
+//! How tracing ends: SIGTERM gives the final report like Ctrl-C; SIGKILL
 //! gives it no chance to clean up, so the kernel must drop its probes and
-//! programs with its file descriptors. The target runs on unharmed either way.
+//! programs with its file descriptors. The target runs on unharmed either way,
+//! and a target killed mid-trace is reported whole.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use memtrace_tests::{Fixture, Memtrace, fixture, process_by_comm, require_root};
+use memtrace_tests::truth;
+use memtrace_tests::{
+    Fixture, Memtrace, assert_no_losses, assert_totals, fixture, process_by_comm, require_root,
+};
 
 use crate::{REPORT_ARGS, exclusive_machine, shared_machine};
 
@@ -97,4 +101,45 @@ fn sigterm_gives_the_final_report() {
         "the report after SIGTERM should hold the fixture's allocations:\n{process:#}"
     );
     target.finish_ok();
+}
+
+/// The target killed with SIGKILL mid-trace: memtrace notices it is gone,
+/// ends on its own with status 0, and reports everything it allocated,
+/// exactly, with the process marked exited.
+#[test]
+fn sigkilled_target_is_reported_whole() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let mut target = Fixture::spawn(fixture("alloc_fixture"), ["--wait"]);
+    target.wait_ready();
+    let pid = target.pid().to_string();
+    let mut args: Vec<&str> = vec!["-p", pid.as_str()];
+    args.extend(REPORT_ARGS);
+    let mut memtrace = Memtrace::spawn(args);
+    memtrace.wait_tracing();
+    target.go();
+    target.wait_done();
+    let raw = libc::pid_t::try_from(target.pid()).expect("pid fits pid_t");
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    assert_eq!(
+        unsafe { libc::kill(raw, libc::SIGKILL) },
+        0,
+        "kill the target"
+    );
+    let status = target.finish();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+
+    let output = memtrace.wait();
+    output.assert_status(0);
+    let report = output.json();
+    let process = process_by_comm(&report, "alloc_fixture");
+    assert_eq!(process["exited"], true, "{process:#}");
+    crate::assert_sites(process, truth::c::SITES, 1);
+    assert_totals(process, truth::totals_of(truth::c::SITES, 1));
+    assert_no_losses(&report, process);
 }
