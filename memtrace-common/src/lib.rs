@@ -259,10 +259,19 @@ pub enum Counter {
     /// The table of live kernel allocations was full; an allocation was not
     /// tracked, and its free will not be seen.
     KmemTableFull = 7,
+    /// A record the full ring buffer dropped could not be counted by call
+    /// site either (the lost-records table was full): it is in
+    /// `ringbuf_full` only.
+    LostTableFull = 8,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTERS: u32 = 8;
+pub const COUNTERS: u32 = 9;
+
+/// Size of the table of allocator records lost to a full ring buffer, by
+/// process and call site (key `[tgid, call site]`, value `[count, bytes]`;
+/// call site 0 counts the process's lost frees).
+pub const LOST_SITES: u32 = 16384;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -275,6 +284,7 @@ impl Counter {
         Self::Calls,
         Self::VmInflightFull,
         Self::KmemTableFull,
+        Self::LostTableFull,
     ];
 
     /// The name used in reports (snake case, stable).
@@ -288,6 +298,7 @@ impl Counter {
             Self::Calls => "calls",
             Self::VmInflightFull => "vm_inflight_full",
             Self::KmemTableFull => "kmem_table_full",
+            Self::LostTableFull => "lost_table_full",
         }
     }
 }

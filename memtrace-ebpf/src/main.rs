@@ -16,7 +16,9 @@
 //! pointer, so an entry whose call never returned (longjmp) is found and
 //! dropped instead of corrupting the thread's state.
 //!
-//! Every loss is counted in [`COUNTERS`], indexed by [`Counter`].
+//! Every loss is counted in [`COUNTERS`], indexed by [`Counter`]; records the
+//! full ring buffer drops are also counted by process and call site in
+//! [`LOST`], so each call site's ledger stays exact.
 #![no_std]
 #![no_main]
 
@@ -27,19 +29,20 @@ mod vm;
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, pt_regs,
+        BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        pt_regs,
     },
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user,
         bpf_probe_read_user_buf,
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 use memtrace_common::{
     AllocFn, AllocRecord, COUNTERS, Counter, EVENT_ABI, FreeRecord, Header, Inflight,
-    InflightStack, MAX_FRAMES, MAX_NEST, RecordKind,
+    InflightStack, LOST_SITES, MAX_FRAMES, MAX_NEST, RecordKind,
 };
 
 /// memtrace's own process id: its allocations are never traced (in
@@ -92,6 +95,38 @@ const PAGE: usize = 4096;
 /// the verifier checks.
 #[map]
 static WINDOW: PerCpuArray<[u64; PAGE / 8 + 1]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Allocator records the full ring buffer dropped, by process and call site:
+/// key `[tgid, call site]` (the return address into the allocator's caller;
+/// 0 for frees), value `[count, bytes]`, per CPU so that no update races.
+/// User space adds them to each call site's ledger.
+#[map]
+static LOST: PerCpuHashMap<[u64; 2], [u64; 2]> = PerCpuHashMap::with_max_entries(LOST_SITES, 0);
+
+/// Counts a record of process `tgid` dropped by the full ring buffer:
+/// an allocation of `bytes` at `site`, or (`site` 0) a free.
+#[inline(always)]
+fn count_lost(tgid: u32, site: u64, bytes: u64) {
+    let key = [tgid as u64, site];
+    if let Some(v) = LOST.get_ptr_mut(key) {
+        // SAFETY: this CPU's own value of the entry.
+        unsafe {
+            (*v)[0] += 1;
+            (*v)[1] += bytes;
+        }
+    } else if LOST.insert(key, [1, bytes], BPF_NOEXIST as u64).is_err() {
+        // Another CPU made the entry meanwhile (then this CPU's value is
+        // there, zero), or the table is full.
+        match LOST.get_ptr_mut(key) {
+            // SAFETY: as above.
+            Some(v) => unsafe {
+                (*v)[0] += 1;
+                (*v)[1] += bytes;
+            },
+            None => count(Counter::LostTableFull),
+        }
+    }
+}
 
 /// Loss and load counters, one slot per [`Counter`].
 #[map]
@@ -245,9 +280,9 @@ fn user_stack(regs: &pt_regs, frames: &mut [u64; MAX_FRAMES]) -> u16 {
 }
 
 /// Sends the first `len` bytes of `rec` (a variable-length record), counting
-/// a full ring buffer.
+/// a full ring buffer. Returns whether it was sent.
 #[inline(always)]
-pub(crate) fn output<T>(rec: &T, len: usize) {
+pub(crate) fn output<T>(rec: &T, len: usize) -> bool {
     let len = if len > size_of::<T>() {
         size_of::<T>()
     } else {
@@ -257,7 +292,9 @@ pub(crate) fn output<T>(rec: &T, len: usize) {
     let data = unsafe { core::slice::from_raw_parts((rec as *const T).cast::<u8>(), len) };
     if EVENTS.output::<[u8]>(data, wake_flags()).is_err() {
         count(Counter::RingbufFull);
+        return false;
     }
+    true
 }
 
 /// The stack pointer of the probed context.
@@ -459,19 +496,27 @@ fn emit_alloc(
     let regs = unsafe { &*(ctx.as_ptr() as *const pt_regs) };
     rec.nframes = user_stack(regs, &mut rec.frames);
     rec.stack_err = 0;
-    output(rec, AllocRecord::FIXED_LEN + 8 * rec.nframes as usize);
+    if !output(rec, AllocRecord::FIXED_LEN + 8 * rec.nframes as usize) {
+        // frames[0] is the return address into the caller: the call site.
+        count_lost(tgid, rec.frames[0], call.size);
+    }
 }
 
-/// Writes one fixed-size record, counting a full ring buffer.
+/// Writes one fixed-size record, counting a full ring buffer. Returns
+/// whether it was written.
 #[inline(always)]
-pub(crate) fn submit<T: 'static>(fill: impl FnOnce(&mut T)) {
+pub(crate) fn submit<T: 'static>(fill: impl FnOnce(&mut T)) -> bool {
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             // SAFETY: `fill` writes every field before the entry is submitted.
             fill(unsafe { &mut *entry.as_mut_ptr() });
             entry.submit(wake_flags());
+            true
         }
-        None => count(Counter::RingbufFull),
+        None => {
+            count(Counter::RingbufFull);
+            false
+        }
     }
 }
 
@@ -511,10 +556,13 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
             }
         }
     }
-    submit::<FreeRecord>(|r| {
+    let sent = submit::<FreeRecord>(|r| {
         r.header = header(RecordKind::Free, pid_tgid);
         r.addr = addr;
     });
+    if !sent {
+        count_lost((pid_tgid >> 32) as u32, 0, 0);
+    }
     0
 }
 

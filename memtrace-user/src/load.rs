@@ -6,7 +6,7 @@
 use std::num::NonZeroU32;
 use std::os::fd::OwnedFd;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{
     ProgramError, RawTracePoint, TracePoint, UProbe,
     trace_point::TracePointLink,
@@ -17,7 +17,7 @@ use memtrace_common::{AllocFn, Counter};
 
 use crate::attach::{Library, Site, display_name, sites_of};
 use crate::error::{Result, UserError};
-use crate::report::{Probes, ProgramCost};
+use crate::report::{LostSite, Probes, ProgramCost};
 use crate::tracefs;
 
 /// Kernel tracepoints and the programs on them, always attached: RSS,
@@ -111,6 +111,7 @@ pub struct Tracer {
     /// Holds the kernel's BPF run-time statistics on (`--probe-cost`).
     stats: Option<OwnedFd>,
     counts: PerCpuArray<MapData, u64>,
+    lost: PerCpuHashMap<MapData, [u64; 2], [u64; 2]>,
     links: Vec<UProbeLink>,
     tracepoint_links: Vec<TracePointLink>,
     traced: BpfHashMap<MapData, u32, u8>,
@@ -190,6 +191,11 @@ impl Tracer {
                 .ok_or_else(|| internal("COUNTS", "map missing"))?,
         )
         .map_err(|e| internal("COUNTS", e))?;
+        let lost = PerCpuHashMap::try_from(
+            ebpf.take_map("LOST")
+                .ok_or_else(|| internal("LOST", "map missing"))?,
+        )
+        .map_err(|e| internal("LOST", e))?;
         let traced = BpfHashMap::try_from(
             ebpf.take_map("TRACED")
                 .ok_or_else(|| internal("TRACED", "map missing"))?,
@@ -200,6 +206,7 @@ impl Tracer {
             ebpf,
             stats,
             counts,
+            lost,
             links: Vec::new(),
             tracepoint_links: Vec::new(),
             traced,
@@ -318,6 +325,24 @@ impl Tracer {
             Some(_) => costs(&self.ebpf),
             None => Vec::new(),
         }
+    }
+
+    /// Allocator records the full ring buffer dropped, by process and call
+    /// site, summed over CPUs.
+    pub fn lost_sites(&self) -> Vec<LostSite> {
+        let mut out: Vec<LostSite> = self
+            .lost
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .map(|([tgid, site], per_cpu)| LostSite {
+                pid: tgid as u32,
+                site,
+                count: per_cpu.iter().map(|v| v[0]).sum(),
+                bytes: per_cpu.iter().map(|v| v[1]).sum(),
+            })
+            .collect();
+        out.sort_by_key(|l| (l.pid, l.site));
+        out
     }
 
     /// The kernel side's counters, summed over CPUs, by name.

@@ -175,5 +175,7 @@ pub fn ledger_of(c: &Counters) -> Ledger {
         traced_calls: c.traced_calls,
         // Not recorded: a recording is about the traced program.
         probe_cost: Vec::new(),
+        // Not recorded yet: a recording's ledger has the totals only.
+        lost_sites: Vec::new(),
     }
 }

@@ -496,6 +496,7 @@ impl Snapshot {
                     .find(|(c, _)| *c == Counter::Calls)
                     .map_or(0, |(_, v)| *v),
                 probe_cost: tracer.probe_cost(),
+                lost_sites: tracer.lost_sites(),
             },
             now_ns,
             duration_s: now_ns.saturating_sub(start_ns) as f64 / 1e9,

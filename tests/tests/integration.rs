@@ -10,11 +10,13 @@
 //! - `errors`: the error convention (status 2, `memtrace: ...`, `hint: ...`).
 //! - `recording`: `memtrace record` / `--record`, then `memtrace report` in
 //!   every view and format, `memtrace diff`, and damaged recordings.
+//! - `flood`: records dropped by a full ring buffer, counted by call site.
 //! - `shutdown`: SIGTERM's final report; SIGKILL leaves no program or probe;
 //!   a SIGKILLed target is reported whole.
 
 mod cmd;
 mod errors;
+mod flood;
 mod pid;
 mod recording;
 mod resident;

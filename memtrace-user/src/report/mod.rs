@@ -268,6 +268,11 @@ pub struct ProcessReport {
     pub unknown_frees: u64,
     /// Blocks the allocator handed out again before their free was seen.
     pub missed_frees: u64,
+    /// Records of this process the full ring buffer dropped, by call site:
+    /// each site's allocations here plus those counted in its stacks are all
+    /// it made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<LostReport>,
     /// Distribution of the sizes allocated.
     pub sizes: SizeSummary,
     /// Stacks shown (after `--top` and `--older-than`).
@@ -527,6 +532,48 @@ pub struct Ledger {
     pub traced_calls: u64,
     /// Time memtrace's eBPF programs ran, with `--probe-cost`; else empty.
     pub probe_cost: Vec<ProgramCost>,
+    /// Allocator records the full ring buffer dropped, by process and call
+    /// site.
+    pub lost_sites: Vec<LostSite>,
+}
+
+/// What the full ring buffer dropped of one process.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LostReport {
+    /// Allocations dropped.
+    pub allocations: u64,
+    /// Bytes they asked for.
+    pub bytes: u64,
+    /// Frees dropped (their blocks stay counted as live).
+    pub frees: u64,
+    /// Allocations dropped by call site, most first (cut by `--top`).
+    pub sites: Vec<LostSiteReport>,
+}
+
+/// Allocations dropped at one call site.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LostSiteReport {
+    /// Allocations dropped.
+    pub count: u64,
+    /// Bytes they asked for.
+    pub bytes: u64,
+    /// The call site: the caller of the allocator function (one frame, more
+    /// when inlined).
+    pub frames: Vec<Frame>,
+}
+
+/// Allocator records of one process the full ring buffer dropped at one
+/// call site (`site` 0: its frees).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LostSite {
+    /// Process id.
+    pub pid: u32,
+    /// Return address into the allocator's caller; 0 for frees.
+    pub site: u64,
+    /// Records dropped.
+    pub count: u64,
+    /// Bytes those allocations asked for (0 for frees).
+    pub bytes: u64,
 }
 
 /// The time one eBPF program ran, as the kernel's BPF statistics count it
@@ -563,6 +610,9 @@ pub fn build(
     processes.sort_by(|a, b| {
         (b.live_bytes, b.total_bytes, a.pid).cmp(&(a.live_bytes, a.total_bytes, b.pid))
     });
+    for p in &mut processes {
+        p.lost = lost_report(p.pid, ledger, sym, opts);
+    }
     let mut lost: BTreeMap<&'static str, u64> = ledger.kernel.iter().copied().collect();
     lost.insert("decode_errors", ledger.decode_errors);
     lost.insert("unknown_frees", agg.unknown_frees());
@@ -580,6 +630,37 @@ pub fn build(
         probe_cost: ledger.probe_cost.clone(),
         recording: None,
     }
+}
+
+/// What the full ring buffer dropped of process `pid`, if anything. (A pid
+/// that ran two programs in turn has one account of losses.)
+fn lost_report(
+    pid: u32,
+    ledger: &Ledger,
+    sym: &mut dyn Symbolize,
+    opts: &Options,
+) -> Option<LostReport> {
+    let mut mine: Vec<&LostSite> = ledger.lost_sites.iter().filter(|l| l.pid == pid).collect();
+    if mine.is_empty() {
+        return None;
+    }
+    mine.sort_by(|a, b| (b.count, b.bytes, a.site).cmp(&(a.count, a.bytes, b.site)));
+    let (frees, allocs): (Vec<&LostSite>, Vec<&LostSite>) =
+        mine.into_iter().partition(|l| l.site == 0);
+    let shown = top(opts, allocs.len());
+    Some(LostReport {
+        allocations: allocs.iter().map(|l| l.count).sum(),
+        bytes: allocs.iter().map(|l| l.bytes).sum(),
+        frees: frees.iter().map(|l| l.count).sum(),
+        sites: allocs[..shown]
+            .iter()
+            .map(|l| LostSiteReport {
+                count: l.count,
+                bytes: l.bytes,
+                frames: sym.frames(pid, &[l.site]),
+            })
+            .collect(),
+    })
 }
 
 fn process_report(
@@ -665,6 +746,7 @@ fn process_report(
         freed_count: t.freed_count,
         unknown_frees: p.unknown_frees,
         missed_frees: p.missed_frees,
+        lost: None,
         sizes: SizeSummary::of(p),
         stacks,
         stacks_omitted: omitted,

@@ -125,6 +125,35 @@ fn process_header(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     if let Some(r) = &p.resident {
         memory::render_summary(r, out)?;
     }
+    if let Some(l) = &p.lost {
+        lost_lines(l, out)?;
+    }
+    Ok(())
+}
+
+/// What the full ring buffer dropped, by call site, and what to change.
+fn lost_lines(l: &super::LostReport, out: &mut dyn Write) -> io::Result<()> {
+    writeln!(
+        out,
+        "  LOST (ring buffer full): {} allocations ({} B) at {} call sites, {} frees (their blocks still count as live); \
+         give memtrace a larger --ringbuf-size",
+        group(l.allocations),
+        group(l.bytes),
+        l.sites.len(),
+        group(l.frees),
+    )?;
+    for site in &l.sites {
+        let at = site
+            .frames
+            .first()
+            .map_or_else(|| "?".to_string(), |f| f.label());
+        writeln!(
+            out,
+            "    {} allocations ({} B) lost at {at}",
+            group(site.count),
+            group(site.bytes)
+        )?;
+    }
     Ok(())
 }
 
@@ -688,6 +717,7 @@ pub(crate) mod tests {
             decode_errors: 0,
             traced_calls: 61,
             probe_cost: Vec::new(),
+            lost_sites: Vec::new(),
         };
         let probes = [Probes {
             module: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),

@@ -1,0 +1,98 @@
+//! Under a flood the ring buffer fills and records are dropped: the ledger
+//! must still be exact for every call site, allocations counted in the
+//! site's stacks plus those counted as lost at it equal to what it made.
+
+use std::time::Duration;
+
+use memtrace_tests::{Fixture, Memtrace, fixture, process_by_comm, require_root};
+use serde_json::Value;
+
+use crate::shared_machine;
+
+/// Allocations at the stacks whose first frame is in `function`, and those
+/// the report counts as lost there.
+fn counted_and_lost(process: &Value, function: &str) -> (u64, u64) {
+    let first_in = |frames: &Value| {
+        frames
+            .as_array()
+            .and_then(|f| f.first())
+            .is_some_and(|f| f["function"] == function)
+    };
+    let counted = process["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .filter(|s| first_in(&s["frames"]))
+        .map(|s| s["total_count"].as_u64().expect("total_count"))
+        .sum();
+    let lost = process["lost"]["sites"].as_array().map_or(0, |sites| {
+        sites
+            .iter()
+            .filter(|s| first_in(&s["frames"]))
+            .map(|s| s["count"].as_u64().expect("count"))
+            .sum()
+    });
+    (counted, lost)
+}
+
+/// A 1 MiB ring and memtrace stopped (SIGSTOP) for half a second while the
+/// fixture churns 300,000 malloc+free pairs: records are certainly dropped,
+/// and `churn`'s allocations counted plus lost are exactly 300,000.
+#[test]
+fn flood_ledger_is_exact_per_call_site() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    const PAIRS: u64 = 300_000;
+    let pairs = PAIRS.to_string();
+    let mut target = Fixture::spawn(fixture("phases_fixture"), ["--wait", "--churn", &pairs]);
+    target.wait_ready();
+    let pid = target.pid().to_string();
+    let mut memtrace = Memtrace::spawn([
+        "-p",
+        pid.as_str(),
+        "--ringbuf-size",
+        "1",
+        "--format",
+        "json",
+        "--top",
+        "0",
+    ]);
+    memtrace.wait_tracing();
+    target.go();
+    memtrace.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(500));
+    memtrace.signal(libc::SIGCONT);
+    target.wait_done();
+    target.finish_ok();
+    let output = memtrace.wait();
+    output.assert_status(0);
+    let report = output.json();
+    let process = process_by_comm(&report, "phases_fixture");
+
+    let (counted, lost) = counted_and_lost(process, "churn");
+    assert!(
+        lost > 0,
+        "memtrace was stopped with a 1 MiB ring, yet nothing was lost:\n{}",
+        report["lost"]
+    );
+    assert_eq!(
+        counted + lost,
+        PAIRS,
+        "churn: {counted} allocations counted + {lost} lost, of {PAIRS} made"
+    );
+    // Every lost allocation and free of the process is in the ring's count.
+    let dropped = process["lost"]["allocations"]
+        .as_u64()
+        .expect("allocations")
+        + process["lost"]["frees"].as_u64().expect("frees");
+    let full = report["lost"]["ringbuf_full"]
+        .as_u64()
+        .expect("ringbuf_full");
+    assert!(
+        dropped <= full && dropped > 0,
+        "{dropped} records lost by call site, {full} in ringbuf_full"
+    );
+    assert_eq!(report["lost"]["lost_table_full"], 0);
+}
