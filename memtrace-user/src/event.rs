@@ -585,7 +585,7 @@ pub fn encode_free(pid: u32, tid: u32, ts_ns: u64, addr: u64) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn alloc() -> Alloc {
+    pub(super) fn alloc() -> Alloc {
         Alloc {
             pid: 7,
             tid: 8,
@@ -738,15 +738,8 @@ mod fuzz {
             frames in prop::collection::vec(any::<u64>(), 0..40),
         ) {
             let a = Alloc {
-                pid: 7,
-                tid: 8,
-                ts_ns: 100,
-                entry_ts_ns: 90,
-                addr: 0x1000,
-                size: 64,
-                func: AllocFn::Malloc,
-                old_addr: None,
                 stack: frames,
+                ..super::tests::alloc()
             };
             let mut bytes = encode_alloc(&a);
             for (at, x) in flips {

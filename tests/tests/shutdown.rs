@@ -76,12 +76,8 @@ fn sigkill_leaves_no_probe_behind() {
     target.finish_ok();
 }
 
-#[test]
-fn sigterm_gives_the_final_report() {
-    if !require_root() {
-        return;
-    }
-    let _machine = shared_machine();
+/// The C fixture traced by `memtrace -p` (JSON report), its work done.
+fn traced_work() -> (Fixture, Memtrace) {
     let mut target = Fixture::spawn(fixture("alloc_fixture"), ["--wait"]);
     target.wait_ready();
     let pid = target.pid().to_string();
@@ -91,6 +87,16 @@ fn sigterm_gives_the_final_report() {
     memtrace.wait_tracing();
     target.go();
     target.wait_done();
+    (target, memtrace)
+}
+
+#[test]
+fn sigterm_gives_the_final_report() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let (mut target, mut memtrace) = traced_work();
     memtrace.signal(libc::SIGTERM);
     let output = memtrace.wait();
     output.assert_status(0);
@@ -112,15 +118,7 @@ fn sigkilled_target_is_reported_whole() {
         return;
     }
     let _machine = shared_machine();
-    let mut target = Fixture::spawn(fixture("alloc_fixture"), ["--wait"]);
-    target.wait_ready();
-    let pid = target.pid().to_string();
-    let mut args: Vec<&str> = vec!["-p", pid.as_str()];
-    args.extend(REPORT_ARGS);
-    let mut memtrace = Memtrace::spawn(args);
-    memtrace.wait_tracing();
-    target.go();
-    target.wait_done();
+    let (mut target, mut memtrace) = traced_work();
     let raw = libc::pid_t::try_from(target.pid()).expect("pid fits pid_t");
     // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
     assert_eq!(
