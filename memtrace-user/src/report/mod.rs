@@ -610,8 +610,12 @@ pub fn build(
     processes.sort_by(|a, b| {
         (b.live_bytes, b.total_bytes, a.pid).cmp(&(a.live_bytes, a.total_bytes, b.pid))
     });
+    // One account per pid: on the first (largest) instance that has it.
+    let mut seen = std::collections::HashSet::new();
     for p in &mut processes {
-        p.lost = lost_report(p.pid, ledger, sym, opts);
+        if seen.insert(p.pid) {
+            p.lost = lost_report(p.pid, ledger, sym, opts);
+        }
     }
     let mut lost: BTreeMap<&'static str, u64> = ledger.kernel.iter().copied().collect();
     lost.insert("decode_errors", ledger.decode_errors);
@@ -1000,6 +1004,38 @@ pub(crate) mod tests {
             (9, "main"),
         ]));
         (agg, table)
+    }
+
+    #[test]
+    fn lost_records_are_reported_by_call_site_under_their_process() {
+        let (agg, mut table) = sample();
+        let lost = |pid, site, count, bytes| LostSite {
+            pid,
+            site,
+            count,
+            bytes,
+        };
+        let ledger = Ledger {
+            lost_sites: vec![
+                lost(42, 1, 5, 500),
+                lost(42, 2, 7, 35_000),
+                lost(42, 0, 9, 0),
+                lost(43, 1, 1, 1),
+            ],
+            ..Ledger::default()
+        };
+        let opts = Options {
+            top: 1,
+            ..Options::default()
+        };
+        let r = build(&agg, &ledger, &[], &mut table, &opts);
+        let l = r.processes[0].lost.as_ref().expect("pid 42 lost records");
+        assert_eq!((l.allocations, l.bytes, l.frees), (12, 35_500, 9));
+        assert_eq!(l.sites.len(), 1, "cut by --top");
+        assert_eq!((l.sites[0].count, l.sites[0].bytes), (7, 35_000));
+        assert_eq!(l.sites[0].frames[0].function.as_deref(), Some("leak_big"));
+        let r = build(&agg, &Ledger::default(), &[], &mut table, &opts);
+        assert_eq!(r.processes[0].lost, None);
     }
 
     #[test]
