@@ -671,9 +671,9 @@ mod tests {
     use super::*;
     use memtrace_common::AllocFn;
 
-    const PID: u32 = 100;
+    pub(super) const PID: u32 = 100;
 
-    fn malloc(ts: u64, addr: u64, size: u64, stack: &[u64]) -> Event {
+    pub(super) fn malloc(ts: u64, addr: u64, size: u64, stack: &[u64]) -> Event {
         Event::Alloc(Alloc {
             pid: PID,
             tid: PID,
@@ -687,7 +687,7 @@ mod tests {
         })
     }
 
-    fn realloc(ts: u64, old: u64, addr: u64, size: u64, stack: &[u64]) -> Event {
+    pub(super) fn realloc(ts: u64, old: u64, addr: u64, size: u64, stack: &[u64]) -> Event {
         Event::Alloc(Alloc {
             pid: PID,
             tid: PID,
@@ -701,7 +701,7 @@ mod tests {
         })
     }
 
-    fn free(ts: u64, addr: u64) -> Event {
+    pub(super) fn free(ts: u64, addr: u64) -> Event {
         Event::Free {
             pid: PID,
             ts_ns: ts,
@@ -961,10 +961,8 @@ mod tests {
 mod properties {
     use proptest::prelude::*;
 
+    use super::tests::{self, PID};
     use super::*;
-    use memtrace_common::AllocFn;
-
-    const PID: u32 = 7;
 
     /// One call of a program with 16 addresses and 4 stacks: frees of
     /// blocks never allocated, double frees and reuse without a seen free
@@ -994,30 +992,13 @@ mod properties {
 
     fn event(c: &Call, ts: u64) -> Event {
         let addr = |slot: u64| 0x1000 + slot * 0x100;
-        let alloc = |addr, size, stack: u64, func, old_addr| {
-            Event::Alloc(Alloc {
-                pid: PID,
-                tid: PID,
-                ts_ns: ts,
-                entry_ts_ns: ts - 1,
-                addr,
-                size,
-                func,
-                old_addr,
-                stack: vec![0x40_0000 + stack, 0x40_1000],
-            })
-        };
         match *c {
             Call::Malloc { slot, size, stack } => {
-                alloc(addr(slot), size, stack, AllocFn::Malloc, None)
+                tests::malloc(ts, addr(slot), size, &[0x40_0000 + stack, 0x40_1000])
             }
-            Call::Free { slot } => Event::Free {
-                pid: PID,
-                ts_ns: ts,
-                addr: addr(slot),
-            },
+            Call::Free { slot } => tests::free(ts, addr(slot)),
             Call::Realloc { old, new, size } => {
-                alloc(addr(new), size, 9, AllocFn::Realloc, Some(addr(old)))
+                tests::realloc(ts, addr(old), addr(new), size, &[0x40_0009, 0x40_1000])
             }
         }
     }
