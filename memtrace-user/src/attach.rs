@@ -1,9 +1,10 @@
 //! Where to probe: the allocator libraries each target maps, and the file
 //! offsets of their allocator functions.
 //!
-//! Libraries are found in the targets' own `/proc/PID/maps` and named through
-//! `/proc/PID/root` when the target lives in another mount namespace, so a
-//! container's libc is probed, not only the host's. Functions are found in
+//! Libraries are found in the targets' own `/proc/PID/maps` and opened
+//! through `/proc/PID/map_files` when the target lives in another mount
+//! namespace (or the file was deleted), so a container's libc is probed, not
+//! the host's, and no link inside the container can point memtrace elsewhere. Functions are found in
 //! the ELF symbol tables and deduplicated by file offset: glibc's `malloc`
 //! and `__libc_malloc`, `aligned_alloc` and `memalign` are the same code, and
 //! probing an address twice would count every call twice.
@@ -56,8 +57,8 @@ fn is_versioned(name: &str, prefix: &str) -> bool {
 pub struct Library {
     /// What it provides.
     pub kind: LibKind,
-    /// Path memtrace opens (and hands the kernel): through
-    /// `/proc/PID/root` for processes in another mount namespace.
+    /// Path memtrace opens (and hands the kernel): the mapping's
+    /// `/proc/PID/map_files` entry for processes in another mount namespace.
     pub path: PathBuf,
     /// Path as the target sees it.
     pub display: String,
@@ -80,8 +81,10 @@ pub fn libraries_in(pid: u32, maps: &[Mapping]) -> Vec<Library> {
         if out.iter().any(|l| l.id == id) {
             continue;
         }
-        let path = if root_differs {
-            PathBuf::from(format!("/proc/{pid}/root{}", m.path))
+        // Another root's paths, or a deleted file's, are opened (by memtrace
+        // and by the kernel, for the probe) through the mapping itself.
+        let path = if root_differs || m.path.ends_with(" (deleted)") {
+            crate::mapped::map_files_path(pid, m)
         } else {
             PathBuf::from(&m.path)
         };
@@ -348,7 +351,7 @@ pub fn find_sites(
 pub fn sites_of(lib: &Library, user: Option<u32>) -> Result<(Vec<Site>, Vec<&'static str>)> {
     let data = std::fs::read(&lib.path).map_err(|e| {
         UserError::new(
-            format!("cannot read {}: {e}", lib.path.display()),
+            format!("cannot read {}: {e}", lib.display),
             "memtrace reads the allocator library to find its functions; check the file exists and is readable",
         )
     })?;
@@ -358,10 +361,7 @@ pub fn sites_of(lib: &Library, user: Option<u32>) -> Result<(Vec<Site>, Vec<&'st
     };
     let (sites, missing) = find_sites(&data, wants).map_err(|e| {
         UserError::new(
-            format!(
-                "{} is not an ELF file memtrace can read: {e}",
-                lib.path.display()
-            ),
+            format!("{} is not an ELF file memtrace can read: {e}", lib.display),
             "is the library corrupt, or for another architecture?",
         )
     })?;

@@ -33,6 +33,7 @@ pub mod error;
 pub mod event;
 pub mod live;
 pub mod load;
+pub mod mapped;
 pub mod maps;
 pub mod mem;
 pub mod output;

@@ -403,14 +403,10 @@ fn build_id(file: &File) -> Option<String> {
     let id = elf.build_id().ok()??;
     Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }
-/// Opens the file behind a mapping: through `map_files` (works across mount
-/// namespaces and for deleted files), else through the process's root, else
-/// by its path.
+/// Opens the file behind a mapping, inside the process's own root (see
+/// [`crate::mapped`]).
 fn open_mapped(pid: u32, m: &Mapping) -> Option<File> {
-    File::open(format!("/proc/{pid}/map_files/{}", m.map_files_name()))
-        .or_else(|_| File::open(format!("/proc/{pid}/root{}", m.path)))
-        .or_else(|_| File::open(&m.path))
-        .ok()
+    crate::mapped::open(pid, m).ok()
 }
 
 impl Symbolize for Symbols {

@@ -10,6 +10,8 @@
 //! - `errors`: the error convention (status 2, `memtrace: ...`, `hint: ...`).
 //! - `recording`: `memtrace record` / `--record`, then `memtrace report` in
 //!   every view and format, `memtrace diff`, and damaged recordings.
+//! - `libraries`: a container's libc (own root and mount namespace), and a
+//!   libc lacking optional functions.
 //! - `flood`: records dropped by a full ring buffer, counted by call site.
 //! - `shutdown`: SIGTERM's final report; SIGKILL leaves no program or probe;
 //!   a SIGKILLed target is reported whole.
@@ -17,6 +19,7 @@
 mod cmd;
 mod errors;
 mod flood;
+mod libraries;
 mod pid;
 mod recording;
 mod resident;
