@@ -46,6 +46,12 @@ const FIXTURES: &[Fixture] = &[
         flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
     },
     Fixture {
+        source: "fork_fixture.c",
+        output: "fork_fixture",
+        cxx: false,
+        flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
+    },
+    Fixture {
         source: "threads_fixture.c",
         output: "threads_fixture",
         cxx: false,

@@ -14,7 +14,7 @@
 
 /// Version of the record layout. The loader refuses an eBPF object that
 /// speaks another version.
-pub const EVENT_ABI: u16 = 3;
+pub const EVENT_ABI: u16 = 4;
 
 /// Deepest user stack a record carries (the kernel's default
 /// `perf_event_max_stack`).
@@ -68,6 +68,9 @@ pub enum RecordKind {
     /// An [`ExecRecord`]: the process called execve and now runs a new
     /// program in a new address space.
     Exec = 8,
+    /// A [`ForkRecord`]: a followed process created a child process
+    /// (`--follow-forks`).
+    Fork = 9,
 }
 
 impl RecordKind {
@@ -82,6 +85,7 @@ impl RecordKind {
             6 => Some(Self::Kmem),
             7 => Some(Self::Oom),
             8 => Some(Self::Exec),
+            9 => Some(Self::Fork),
             _ => None,
         }
     }
@@ -263,10 +267,17 @@ pub enum Counter {
     /// site either (the lost-records table was full): it is in
     /// `ringbuf_full` only.
     LostTableFull = 8,
+    /// A child of a followed process (`--follow-forks`) was not followed:
+    /// the table of traced processes was full.
+    TracedFull = 9,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTERS: u32 = 9;
+pub const COUNTERS: u32 = 10;
+
+/// Size of the table of processes traced by pid (`--pid`, a command, and
+/// the children followed with `--follow-forks`).
+pub const TRACED_PIDS: u32 = 16384;
 
 /// Size of the table of allocator records lost to a full ring buffer, by
 /// process and call site (key `[tgid, call site]`, value `[count, bytes]`;
@@ -285,6 +296,7 @@ impl Counter {
         Self::VmInflightFull,
         Self::KmemTableFull,
         Self::LostTableFull,
+        Self::TracedFull,
     ];
 
     /// The name used in reports (snake case, stable).
@@ -299,6 +311,7 @@ impl Counter {
             Self::VmInflightFull => "vm_inflight_full",
             Self::KmemTableFull => "kmem_table_full",
             Self::LostTableFull => "lost_table_full",
+            Self::TracedFull => "traced_full",
         }
     }
 }
@@ -562,6 +575,22 @@ pub struct ExecRecord {
     /// The new program's name as the kernel keeps it (NUL-padded): read at
     /// the exec itself, so a program that exits before user space drains
     /// the ring is still named.
+    pub comm: [u8; 16],
+}
+
+/// A followed process created a child process (`task:task_newtask` without
+/// `CLONE_THREAD`), which is followed from its first instruction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkRecord {
+    /// Common header; `kind` is [`RecordKind::Fork`], the pid the parent's.
+    pub header: Header,
+    /// Process id of the child.
+    pub child: u32,
+    /// Zero.
+    pub _pad: u32,
+    /// The child's name (its parent's, until it execs), NUL-padded: it may
+    /// be gone before user space could read it.
     pub comm: [u8; 16],
 }
 

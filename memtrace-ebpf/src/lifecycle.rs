@@ -1,4 +1,5 @@
-//! Process lifecycle: exit (`sched_process_exit`, a raw tracepoint), exec
+//! Process lifecycle: a new child (`task:task_newtask`, followed with
+//! `--follow-forks`), exit (`sched_process_exit`, a raw tracepoint), exec
 //! (`sched:sched_process_exec`) and the OOM killer's choice
 //! (`oom:mark_victim`).
 
@@ -7,10 +8,46 @@ use aya_ebpf::{
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use memtrace_common::{ExecRecord, Header, OomRecord, RecordKind};
+use memtrace_common::{Counter, ExecRecord, ForkRecord, Header, OomRecord, RecordKind};
 
 use crate::vm::{RSS_LAST, field};
-use crate::{INFLIGHT, TRACED, header, self_tgid, submit, traced};
+use crate::{FOLLOW_FORKS, INFLIGHT, TRACED, count, header, self_tgid, submit, traced};
+
+/// `CLONE_THREAD`: the new task is a thread of its creator's process.
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// `task:task_newtask` (pid 8, comm 12, clone_flags 32), in the creator's context,
+/// before the new task first runs: with `--follow-forks`, a followed
+/// process's new child process is followed too, so none of its calls is
+/// missed. Threads are not new processes.
+#[tracepoint]
+pub fn process_fork(ctx: TracePointContext) -> u32 {
+    // SAFETY: as in `self_tgid`.
+    if unsafe { core::ptr::read_volatile(&FOLLOW_FORKS) } == 0 {
+        return 0;
+    }
+    let flags: u64 = field(&ctx, 32);
+    if flags & CLONE_THREAD != 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a read-only look at a map value.
+    if unsafe { TRACED.get((pid_tgid >> 32) as u32) }.is_none() {
+        return 0;
+    }
+    let child: i32 = field(&ctx, 8);
+    if TRACED.insert(child as u32, 1, 0).is_err() {
+        count(Counter::TracedFull);
+        return 0;
+    }
+    let comm: [u8; 16] = field(&ctx, 12);
+    submit::<ForkRecord>(|r| {
+        r.header = header(RecordKind::Fork, pid_tgid);
+        r.child = child as u32;
+        r.comm = comm;
+    });
+    0
+}
 
 /// A thread exited. Its calls in flight are dropped: a thread killed inside
 /// an allocator never returns through the probes, and a later thread that

@@ -42,7 +42,7 @@ use aya_ebpf::{
 };
 use memtrace_common::{
     AllocFn, AllocRecord, COUNTERS, Counter, EVENT_ABI, FreeRecord, Header, Inflight,
-    InflightStack, LOST_SITES, MAX_FRAMES, MAX_NEST, RecordKind,
+    InflightStack, LOST_SITES, MAX_FRAMES, MAX_NEST, RecordKind, TRACED_PIDS,
 };
 
 /// memtrace's own process id: its allocations are never traced (in
@@ -55,10 +55,18 @@ static SELF_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 static TRACE_ALL: u8 = 0;
 
-/// Processes whose kernel-side memory events are reported (the uprobes are
-/// scoped by the kernel itself). Filled by the loader.
+/// Nonzero with `--follow-forks`: the allocator probes are attached for
+/// every process and trace only those in [`TRACED`], to which followed
+/// processes add their children. Otherwise the kernel scopes the probes to
+/// the traced pids itself, and they need no lookup.
+#[unsafe(no_mangle)]
+static FOLLOW_FORKS: u8 = 0;
+
+/// Processes whose kernel-side memory events are reported (and, with
+/// [`FOLLOW_FORKS`], whose allocator calls are). Filled by the loader, and
+/// with `--follow-forks` by `process_fork`.
 #[map]
-static TRACED: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+pub(crate) static TRACED: HashMap<u32, u8> = HashMap::with_max_entries(TRACED_PIDS, 0);
 
 /// Bytes waiting in [`EVENTS`] past which a record wakes the reader. Below
 /// it records are written without a wakeup (a wakeup is an interrupt on the
@@ -145,6 +153,21 @@ pub(crate) fn self_tgid() -> u32 {
     // SAFETY: a read of a global the loader set before load; volatile so the
     // compiler does not fold the zero it was compiled with.
     unsafe { core::ptr::read_volatile(&SELF_TGID) }
+}
+
+/// Whether the allocator probes skip this process: memtrace itself, and
+/// with `--follow-forks` (probes on every process) any process not followed.
+#[inline(always)]
+fn skipped(tgid: u32) -> bool {
+    if tgid == self_tgid() {
+        return true;
+    }
+    // SAFETY: as in `self_tgid`.
+    if unsafe { core::ptr::read_volatile(&FOLLOW_FORKS) } == 0 {
+        return false;
+    }
+    // SAFETY: a read-only look at a map value.
+    unsafe { TRACED.get(tgid) }.is_none()
 }
 
 /// Whether the kernel-side events of process `tgid` are reported.
@@ -322,11 +345,11 @@ fn slot_mut(st: &mut InflightStack, i: usize) -> Option<&mut Inflight> {
 /// Entry of an allocator function: push the call on the thread's stack.
 #[inline(always)]
 fn on_entry(ctx: &ProbeContext, func: AllocFn, size: u64, arg: u64) -> u32 {
-    count(Counter::Calls);
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == self_tgid() {
+    if skipped((pid_tgid >> 32) as u32) {
         return 0;
     }
+    count(Counter::Calls);
     let tid = pid_tgid as u32;
     let sp = sp_of(ctx);
     let st = match INFLIGHT.get_ptr_mut(tid) {
@@ -401,7 +424,11 @@ fn on_return(ctx: &RetProbeContext) -> u32 {
     let ret: u64 = ctx.ret();
     let sp = sp_of(ctx);
     let Some(st) = INFLIGHT.get_ptr_mut(tid) else {
-        count(Counter::ReturnWithoutEntry);
+        // With --follow-forks the return probes fire in every process; only
+        // a traced one's return is missing its entry.
+        if !skipped(tgid) {
+            count(Counter::ReturnWithoutEntry);
+        }
         return 0;
     };
     // SAFETY: as in `on_entry`.
@@ -537,13 +564,13 @@ pub(crate) fn header(kind: RecordKind, pid_tgid: u64) -> Header {
 /// tail-called from a traced call has the same sp and is nested too.
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if skipped((pid_tgid >> 32) as u32) {
+        return 0;
+    }
     count(Counter::Calls);
     let addr: u64 = ctx.arg(0).unwrap_or(0);
     if addr == 0 {
-        return 0;
-    }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == self_tgid() {
         return 0;
     }
     let tid = pid_tgid as u32;

@@ -277,6 +277,9 @@ impl Timeline {
 pub struct Process {
     /// Process id.
     pub pid: u32,
+    /// The process that created it, when it was followed from its fork
+    /// (`--follow-forks`).
+    pub parent: Option<u32>,
     /// Time of its first event.
     pub first_ts_ns: u64,
     /// Time of its exit, once seen.
@@ -316,6 +319,7 @@ impl Process {
     fn new(pid: u32, ts_ns: u64) -> Self {
         Self {
             pid,
+            parent: None,
             first_ts_ns: ts_ns,
             exit_ts_ns: None,
             totals: Stats::default(),
@@ -616,11 +620,17 @@ impl Aggregator {
                 None
             }
             Event::Exit { pid, ts_ns } => {
-                if let Some(mut p) = self.running.remove(pid) {
-                    p.tick(*ts_ns);
-                    p.exit_ts_ns = Some(*ts_ns);
-                    self.exited.push(p);
-                }
+                self.close(*pid, *ts_ns);
+                None
+            }
+            Event::Fork {
+                pid, parent, ts_ns, ..
+            } => {
+                // A new process with this pid: one still running under it
+                // has exited unseen (its exit record lost).
+                self.close(*pid, *ts_ns);
+                let p = self.process(*pid, *ts_ns);
+                p.parent = Some(*parent);
                 None
             }
         }
@@ -632,6 +642,15 @@ impl Aggregator {
             stack: stack?,
             kind: Some(kind),
         })
+    }
+
+    /// Ends the running instance of `pid`, if any.
+    fn close(&mut self, pid: u32, ts_ns: u64) {
+        if let Some(mut p) = self.running.remove(&pid) {
+            p.tick(ts_ns);
+            p.exit_ts_ns = Some(ts_ns);
+            self.exited.push(p);
+        }
     }
 
     fn process(&mut self, pid: u32, ts: u64) -> &mut Process {
@@ -809,6 +828,48 @@ mod tests {
         let p = agg.running(PID).unwrap();
         assert_eq!(p.missed_frees, 1);
         assert_eq!(p.totals, stats(5, 1, 105, 2));
+    }
+
+    #[test]
+    fn a_fork_starts_the_childs_own_instance() {
+        const CHILD: u32 = PID + 1;
+        let fork = |pid: u32, ts_ns: u64| Event::Fork {
+            pid,
+            parent: PID,
+            ts_ns,
+            comm: None,
+        };
+        let in_child = |e: Event| match e {
+            Event::Alloc(a) => Event::Alloc(Alloc { pid: CHILD, ..a }),
+            Event::Free { ts_ns, addr, .. } => Event::Free {
+                pid: CHILD,
+                ts_ns,
+                addr,
+            },
+            e => e,
+        };
+        let agg = run(&[
+            malloc(10, 0xa, 100, &[1]),
+            fork(CHILD, 20),
+            in_child(malloc(30, 0xb, 7, &[2])),
+            // The parent's block, inherited: unknown to the child.
+            in_child(free(40, 0xa)),
+            // The child's pid again with no exit seen: a new process.
+            fork(CHILD, 50),
+            in_child(malloc(60, 0xc, 9, &[2])),
+        ]);
+        let parent = agg.running(PID).unwrap();
+        assert_eq!(parent.parent, None);
+        assert_eq!(parent.totals, stats(100, 1, 100, 1));
+        let all: Vec<_> = agg.processes().filter(|p| p.pid == CHILD).collect();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].exit_ts_ns, Some(50));
+        assert_eq!(all[0].parent, Some(PID));
+        assert_eq!(all[0].first_ts_ns, 20);
+        assert_eq!(all[0].totals, stats(7, 1, 7, 1));
+        assert_eq!(all[0].unknown_frees, 1);
+        assert_eq!(all[1].totals, stats(9, 1, 9, 1));
+        assert_eq!(all[1].parent, Some(PID));
     }
 
     #[test]

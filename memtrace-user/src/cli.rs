@@ -96,6 +96,13 @@ pub struct TargetArgs {
     #[arg(long)]
     pub probe_cost: bool,
 
+    /// Follow the child processes the targets (`--pid` or the command)
+    /// create, and theirs, each reported as its own process. The allocator
+    /// probes then trap in every process that maps the same libraries, and
+    /// the untraced ones return at once.
+    #[arg(long)]
+    pub follow_forks: bool,
+
     /// Where to write the report of a traced process the OOM killer chose
     /// [default: the current directory].
     #[arg(long, value_name = "DIR")]
@@ -270,6 +277,13 @@ impl TargetArgs {
                 "--ringbuf-size must be a power of two between 1 and 1024 MiB, not {}",
                 self.ringbuf_size
             ));
+        }
+        if self.follow_forks && self.system_wide() {
+            return Err(
+                "--follow-forks follows the children of --pid or a command (-- CMD); \
+                 without either, every process is traced already"
+                    .into(),
+            );
         }
         if self.pids.contains(&0) {
             return Err("--pid 0 is not a process".into());

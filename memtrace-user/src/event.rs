@@ -6,9 +6,9 @@
 //! filter, attribute or symbolize.
 
 use memtrace_common::{
-    AllocFn, AllocRecord, EVENT_ABI, ExecRecord, FreeRecord, Header, KmemOp, KmemRecord,
-    MAX_FRAMES, OomRecord, RSS_FAULT, RSS_SAMPLED, RecordKind, RssMember, RssRecord, VmOp,
-    VmRecord,
+    AllocFn, AllocRecord, EVENT_ABI, ExecRecord, ForkRecord, FreeRecord, Header, KmemOp,
+    KmemRecord, MAX_FRAMES, OomRecord, RSS_FAULT, RSS_SAMPLED, RecordKind, RssMember, RssRecord,
+    VmOp, VmRecord,
 };
 
 /// One thing a traced process did.
@@ -51,6 +51,17 @@ pub enum Event {
         /// kept in recordings, which name processes on their own).
         comm: Option<String>,
     },
+    /// A followed process created a child process (`--follow-forks`).
+    Fork {
+        /// Process id of the child: the event starts its account.
+        pid: u32,
+        /// Process id of the parent.
+        parent: u32,
+        /// When.
+        ts_ns: u64,
+        /// The child's name at the fork (not kept in recordings).
+        comm: Option<String>,
+    },
 }
 
 impl Event {
@@ -62,9 +73,10 @@ impl Event {
             Event::Vm(v) => v.ts_ns,
             Event::Kmem(k) => k.ts_ns,
             Event::Oom(o) => o.ts_ns,
-            Event::Free { ts_ns, .. } | Event::Exit { ts_ns, .. } | Event::Exec { ts_ns, .. } => {
-                *ts_ns
-            }
+            Event::Free { ts_ns, .. }
+            | Event::Exit { ts_ns, .. }
+            | Event::Exec { ts_ns, .. }
+            | Event::Fork { ts_ns, .. } => *ts_ns,
         }
     }
 
@@ -89,9 +101,18 @@ impl Event {
             Event::Vm(v) => v.pid,
             Event::Kmem(k) => k.pid,
             Event::Oom(o) => o.pid,
-            Event::Free { pid, .. } | Event::Exit { pid, .. } | Event::Exec { pid, .. } => *pid,
+            Event::Free { pid, .. }
+            | Event::Exit { pid, .. }
+            | Event::Exec { pid, .. }
+            | Event::Fork { pid, .. } => *pid,
         }
     }
+}
+
+/// A task name as the kernel keeps it (NUL-padded), if not empty.
+fn comm_of(comm: &[u8; 16]) -> Option<String> {
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    (len > 0).then(|| String::from_utf8_lossy(&comm[..len]).into_owned())
 }
 
 /// A resident-memory counter's new value.
@@ -334,11 +355,19 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }),
         Some(RecordKind::Exec) => {
             let r: ExecRecord = read(bytes)?;
-            let len = r.comm.iter().position(|&b| b == 0).unwrap_or(r.comm.len());
             Ok(Event::Exec {
                 pid,
                 ts_ns: header.ts_ns,
-                comm: (len > 0).then(|| String::from_utf8_lossy(&r.comm[..len]).into_owned()),
+                comm: comm_of(&r.comm),
+            })
+        }
+        Some(RecordKind::Fork) => {
+            let r: ForkRecord = read(bytes)?;
+            Ok(Event::Fork {
+                pid: r.child,
+                parent: pid,
+                ts_ns: header.ts_ns,
+                comm: comm_of(&r.comm),
             })
         }
         Some(RecordKind::Rss) => decode_rss(bytes),
@@ -603,6 +632,40 @@ mod tests {
     fn alloc_round_trips() {
         let a = alloc();
         assert_eq!(decode(&encode_alloc(&a)), Ok(Event::Alloc(a)));
+    }
+
+    #[test]
+    fn a_fork_names_the_child_and_its_parent() {
+        let mut r = ForkRecord {
+            header: Header {
+                version: EVENT_ABI,
+                kind: RecordKind::Fork as u16,
+                tgid: 7,
+                tid: 9,
+                _reserved: 0,
+                ts_ns: 100,
+            },
+            child: 12,
+            _pad: 0,
+            comm: [0; 16],
+        };
+        r.comm[..4].copy_from_slice(b"make");
+        // SAFETY: a `#[repr(C)]` record of integers, viewed as its bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&r as *const ForkRecord).cast::<u8>(),
+                size_of::<ForkRecord>(),
+            )
+        };
+        assert_eq!(
+            decode(bytes),
+            Ok(Event::Fork {
+                pid: 12,
+                parent: 7,
+                ts_ns: 100,
+                comm: Some("make".into()),
+            })
+        );
     }
 
     #[test]

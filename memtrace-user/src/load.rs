@@ -40,6 +40,10 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("oom_victim", "oom", "mark_victim"),
 ];
 
+/// New processes, attached with `--follow-forks` only (every fork and
+/// thread creation on the host runs it then).
+const FORK_TRACEPOINTS: &[(&str, &str, &str)] = &[("process_fork", "task", "task_newtask")];
+
 /// Kernel-allocation tracepoints, attached with `--kernel` only: every
 /// kfree on the host runs a program then.
 const KERNEL_TRACEPOINTS: &[(&str, &str, &str)] = &[
@@ -65,6 +69,9 @@ pub struct KernelOptions {
     pub kernel_allocations: bool,
     /// Have the kernel time memtrace's programs (`--probe-cost`).
     pub probe_cost: bool,
+    /// Follow the children of traced processes (`--follow-forks`): the
+    /// allocator probes then go on every process, filtered by pid in eBPF.
+    pub follow_forks: bool,
 }
 
 /// The eBPF object, built by build.rs from memtrace-ebpf.
@@ -157,9 +164,14 @@ impl Tracer {
         if opts.kernel_allocations {
             tracefs::check(&tracefs_root, tracefs::KERNEL_FIELDS)?;
         }
+        if opts.follow_forks {
+            tracefs::check(&tracefs_root, tracefs::FORK_FIELDS)?;
+        }
+        let follow_forks = opts.follow_forks as u8;
         let mut ebpf = EbpfLoader::new()
             .override_global("SELF_TGID", &self_tgid, true)
             .override_global("TRACE_ALL", &trace_all, true)
+            .override_global("FOLLOW_FORKS", &follow_forks, true)
             .override_global("FAULT_SAMPLE", &fault_sample, true)
             .override_global("WAKE_BYTES", &wake_bytes, true)
             .map_max_entries("EVENTS", ringbuf_bytes)
@@ -215,6 +227,9 @@ impl Tracer {
         if opts.kernel_allocations {
             tracer.attach_tracepoints(KERNEL_TRACEPOINTS)?;
         }
+        if opts.follow_forks {
+            tracer.attach_tracepoints(FORK_TRACEPOINTS)?;
+        }
         Ok(tracer)
     }
 
@@ -244,7 +259,7 @@ impl Tracer {
         self.traced.insert(pid, 1, 0).map_err(|e| {
             UserError::new(
                 format!("cannot trace the kernel-side events of pid {pid}: {e}"),
-                "memtrace follows at most 4096 processes by pid; trace the whole system instead",
+                "memtrace follows at most 16384 processes by pid; trace the whole system instead",
             )
         })
     }

@@ -52,6 +52,8 @@ struct State {
     recorder: Option<Recorder>,
     /// Processes the OOM killer chose, whose reports are not written yet.
     oom_victims: Vec<u32>,
+    /// Children followed from their fork (`--follow-forks`).
+    followed: Vec<u32>,
 }
 
 impl State {
@@ -65,6 +67,12 @@ impl State {
     fn apply(&mut self, ev: &Event) {
         // Its name, read while it lives, whatever its first event is (the
         // kernel side's carry no stack to trigger it).
+        if let Event::Fork {
+            pid, parent, comm, ..
+        } = ev
+        {
+            self.symbols.fork(*parent, *pid, comm.as_deref());
+        }
         if !self.symbols.knows(ev.pid()) && !matches!(ev, Event::Exit { .. }) {
             self.symbols.observe(ev.pid(), &[]);
             // The kernel side reports RSS counters as they change: the
@@ -89,6 +97,7 @@ impl State {
         match ev {
             Event::Oom(o) => self.oom_victims.push(o.pid),
             Event::Exec { pid, comm, .. } => self.symbols.exec(*pid, comm.as_deref()),
+            Event::Fork { pid, .. } => self.followed.push(*pid),
             _ => {}
         }
     }
@@ -187,6 +196,15 @@ fn plan(args: &TargetArgs, child: Option<&GatedChild>) -> Result<Vec<(Library, O
 }
 
 fn describe(args: &TargetArgs, child: Option<&GatedChild>) -> String {
+    let what = describe_targets(args, child);
+    if args.follow_forks {
+        format!("{what} and the processes it forks")
+    } else {
+        what
+    }
+}
+
+fn describe_targets(args: &TargetArgs, child: Option<&GatedChild>) -> String {
     if let Some(child) = child {
         format!("command `{}` (PID {})", args.command.join(" "), child.pid)
     } else if !args.pids.is_empty() {
@@ -295,6 +313,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
             fault_sample: target_args.fault_sample,
             kernel_allocations: target_args.kernel,
             probe_cost: target_args.probe_cost,
+            follow_forks: target_args.follow_forks,
         },
     )?;
     for pid in target_args
@@ -305,8 +324,17 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         tracer.trace_process(*pid)?;
     }
     let mut probes: Vec<Probes> = Vec::new();
+    let mut probed: Vec<&Library> = Vec::new();
     for (lib, pid) in &plan {
-        probes.push(tracer.attach(lib, *pid)?);
+        if !target_args.follow_forks {
+            probes.push(tracer.attach(lib, *pid)?);
+        } else if !probed.iter().any(|l| l.id == lib.id) {
+            // Followed children are not known yet: the probes go on every
+            // process, once per file, and the programs keep the followed
+            // ones (`TRACED`).
+            probes.push(tracer.attach(lib, None)?);
+            probed.push(lib);
+        }
     }
     let ring = tracer.ring_buffer()?;
     // SAFETY: the ring buffer owns its descriptor and keeps it open, and
@@ -331,6 +359,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         decode_errors: 0,
         recorder,
         oom_victims: Vec::new(),
+        followed: Vec::new(),
     };
     for &pid in &target_args.pids {
         state.symbols.observe(pid, &[]);
@@ -340,6 +369,9 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         }
     }
     let mut child_status = child.as_ref().map(|c| target::wait_in_background(c.pid));
+    // The command's exit status, once it exited (with --follow-forks, before
+    // its children did).
+    let mut command_status: Option<i32> = None;
     if let Some(child) = child {
         child.release();
     }
@@ -399,10 +431,22 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
                     break Stop::RecordingFailed;
                 }
             }
-            code = wait(&mut child_status) => break Stop::Child(code),
-            _ = liveness.tick(), if !target_args.pids.is_empty() => {
-                if target_args.pids.iter().all(|p| state.agg.has_exited(*p) || target::has_exited(*p)) {
-                    break Stop::TargetsExited;
+            code = wait(&mut child_status) => {
+                // With --follow-forks the trace goes on while a child does.
+                if !target_args.follow_forks {
+                    break Stop::Child(code);
+                }
+                command_status = Some(code);
+            }
+            _ = liveness.tick(), if !target_args.pids.is_empty() || target_args.follow_forks => {
+                let gone = |p: &u32| state.agg.has_exited(*p) || target::has_exited(*p);
+                let targets_gone = if target_args.pids.is_empty() {
+                    command_status.is_some()
+                } else {
+                    target_args.pids.iter().all(gone)
+                };
+                if targets_gone && state.followed.iter().all(gone) {
+                    break command_status.map_or(Stop::TargetsExited, Stop::Child);
                 }
             }
         }
@@ -553,9 +597,14 @@ async fn sleep_until(t: Option<tokio::time::Instant>) {
     }
 }
 
+/// The command's exit status, once; then never again.
 async fn wait(rx: &mut Option<tokio::sync::oneshot::Receiver<i32>>) -> i32 {
     match rx {
-        Some(rx) => rx.await.unwrap_or(1),
+        Some(r) => {
+            let code = r.await.unwrap_or(1);
+            *rx = None;
+            code
+        }
         None => std::future::pending().await,
     }
 }

@@ -118,6 +118,7 @@ struct Module {
     build_id: Option<String>,
 }
 
+#[derive(Clone)]
 struct Proc {
     comm: Option<String>,
     /// Executable mappings, by address.
@@ -221,6 +222,22 @@ impl Symbols {
         if let (Some(p), Some(c)) = (self.procs.get_mut(&pid), comm) {
             p.comm = Some(c.to_string());
         }
+    }
+
+    /// `parent` forked `child`, whose address space is a copy of the
+    /// parent's: the child starts with the parent's mappings (it may be
+    /// gone before memtrace reads its own), and `comm`, the name the kernel
+    /// gave it at the fork.
+    pub fn fork(&mut self, parent: u32, child: u32, comm: Option<&str>) {
+        let Some(mut p) = self.procs.get(&parent).cloned() else {
+            self.observe(child, &[]);
+            return;
+        };
+        if let Some(c) = comm {
+            p.comm = Some(c.to_string());
+        }
+        p.gone = false;
+        self.procs.insert(child, p);
     }
 
     fn refresh(&mut self, pid: u32) {

@@ -40,6 +40,13 @@ pub const FIELDS: &[Field] = &[
     ("oom/mark_victim", "oom_score_adj", 64, 2),
 ];
 
+/// Fields read only with `--follow-forks`.
+pub const FORK_FIELDS: &[Field] = &[
+    ("task/task_newtask", "pid", 8, 4),
+    ("task/task_newtask", "comm", 12, 16),
+    ("task/task_newtask", "clone_flags", 32, 8),
+];
+
 /// Fields read only with `--kernel`.
 pub const KERNEL_FIELDS: &[Field] = &[
     ("kmem/kmalloc", "ptr", 16, 8),

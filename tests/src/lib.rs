@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 pub use fixture::Fixture;
 pub use memtrace::{Memtrace, Output};
 pub use report::{
-    Site, Totals, assert_caller_frame, assert_no_losses, assert_no_lost_events, assert_site,
+    Site, Totals, array, assert_caller_frame, assert_no_losses, assert_no_lost_events, assert_site,
     assert_totals, matching_stacks, process, process_by_comm, site, totals,
 };
 pub use temp::TempPath;

@@ -292,6 +292,7 @@ pub const LOSS_COUNTERS: &[&str] = &[
     "inflight_full",
     "stale_inflight",
     "decode_errors",
+    "traced_full",
 ];
 
 /// Checks that memtrace lost no event and that `process` freed nothing that

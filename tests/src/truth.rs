@@ -159,6 +159,26 @@ pub mod threads {
         &[("thread_leak", THREAD_LEAK), ("thread_churn", THREAD_CHURN)];
 }
 
+/// `fixtures/fork_fixture.c`: the parent's sites, and each child's.
+pub mod forks {
+    use super::*;
+
+    /// Children forked (without `--exec`).
+    pub const CHILDREN: u64 = 3;
+    /// 4 × malloc(1000) before the forks, kept.
+    pub const PARENT_KEEP: Site = leaked(4, 1000);
+    /// 2 × malloc(3000) after the children are done, kept.
+    pub const PARENT_AFTER: Site = leaked(2, 3000);
+    pub const PARENT_SITES: &[(&str, Site)] =
+        &[("parent_keep", PARENT_KEEP), ("parent_after", PARENT_AFTER)];
+
+    /// Child `i`: i + 1 blocks of 2000 + i bytes, kept. Its one free is of
+    /// a block its parent allocated before the fork.
+    pub const fn child_work(i: u64) -> Site {
+        leaked(i + 1, 2000 + i)
+    }
+}
+
 /// `fixtures/phases_fixture.c`. Without `--churn` it runs, in order,
 /// temporaries, build_table, a 30 ms sleep, drop_table and keep_small, and
 /// allocates nothing else (the fixture protocol does not allocate either).

@@ -121,6 +121,9 @@ fn error_conflicting_options() {
     Memtrace::spawn(["--format", "flamegraph", "--view", "memory"])
         .wait()
         .assert_error(&["flamegraph", "memory"]);
+    Memtrace::spawn(["--follow-forks"])
+        .wait()
+        .assert_error(&["--follow-forks", "every process"]);
 }
 
 /// `memtrace report` on what is not a recording, on a recording cut inside

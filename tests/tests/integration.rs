@@ -10,6 +10,7 @@
 //! - `errors`: the error convention (status 2, `memtrace: ...`, `hint: ...`).
 //! - `recording`: `memtrace record` / `--record`, then `memtrace report` in
 //!   every view and format, `memtrace diff`, and damaged recordings.
+//! - `forks`: `--follow-forks`, children and their execs reported apart.
 //! - `libraries`: a container's libc (own root and mount namespace), and a
 //!   libc lacking optional functions.
 //! - `flood`: records dropped by a full ring buffer, counted by call site.
@@ -19,6 +20,7 @@
 mod cmd;
 mod errors;
 mod flood;
+mod forks;
 mod libraries;
 mod pid;
 mod recording;

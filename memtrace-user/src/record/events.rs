@@ -13,6 +13,7 @@
 //! EXIT  0x05 Δts
 //! EXEC  0x06 Δts                                                      (v2)
 //! OOM   0x07 Δts total_vm anon_rss file_rss shmem_rss pgtables ±adj   (v2)
+//! FORK  0x08 Δts parent                 the current pid is the child  (v3)
 //! ALLOC 0x10|func Δts (ts-entry) Δaddr size stack            (func 1..=15)
 //! REALC 0x20|func Δts (ts-entry) Δaddr size stack Δold       (with old_addr)
 //! KMEM  0x30|op|S<<3 Δts space Δkaddr req Δalloc [stack]       (op 1..=5, v2)
@@ -50,9 +51,9 @@
 //! like the others: their frames are kernel addresses. Encoder and decoder
 //! state start fresh in each block.
 //!
-//! Tags marked v2 are new in format version 2 (see the version rules in
-//! [`super`]); a version 1 reader would take them for damage, so files that
-//! may hold them say version 2.
+//! Tags marked v2 (v3) are new in format version 2 (3) (see the version
+//! rules in [`super`]); an older reader would take them for damage, so files
+//! that may hold them say the newer version.
 
 use bytes::{Buf, BufMut, BytesMut};
 use memtrace_common::{AllocFn, KmemOp, RssMember};
@@ -66,6 +67,7 @@ const FREE: u8 = 0x04;
 const EXIT: u8 = 0x05;
 const EXEC: u8 = 0x06;
 const OOM: u8 = 0x07;
+const FORK: u8 = 0x08;
 const ALLOC: u8 = 0x10;
 const REALLOC: u8 = 0x20;
 const KMEM: u8 = 0x30;
@@ -289,6 +291,12 @@ impl Encoder {
             }
             Event::Exit { pid, ts_ns } => self.start(*pid, EXIT, *ts_ns),
             Event::Exec { pid, ts_ns, .. } => self.start(*pid, EXEC, *ts_ns),
+            Event::Fork {
+                pid, parent, ts_ns, ..
+            } => {
+                self.start(*pid, FORK, *ts_ns);
+                put_varint(&mut self.buf, (*parent).into());
+            }
             Event::Oom(o) => {
                 self.start(o.pid, OOM, o.ts_ns);
                 for v in [o.total_vm, o.anon_rss, o.file_rss, o.shmem_rss, o.pgtables] {
@@ -437,6 +445,19 @@ pub fn decode(
                 st.ts = get_delta(buf, st.ts)?;
                 each(Event::Exec {
                     pid,
+                    ts_ns: st.ts,
+                    comm: None,
+                });
+            }
+            FORK => {
+                st.ts = get_delta(buf, st.ts)?;
+                let parent = get_varint(buf)?;
+                each(Event::Fork {
+                    pid,
+                    parent: u32::try_from(parent).map_err(|_| Error::Value {
+                        what: "parent pid",
+                        value: parent,
+                    })?,
                     ts_ns: st.ts,
                     comm: None,
                 });
@@ -713,6 +734,12 @@ mod tests {
             Event::Exec {
                 pid: 10,
                 ts_ns: 500,
+                comm: None,
+            },
+            Event::Fork {
+                pid: 20,
+                parent: 10,
+                ts_ns: 700,
                 comm: None,
             },
             alloc(10, 11, 1_000_000, 0x5000_0010, 64, None),

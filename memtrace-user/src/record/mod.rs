@@ -43,6 +43,7 @@
 //! - 2: adds RSS changes, address-space syscalls, kernel allocations (with
 //!   kernel stacks), OOM kills and execs to the event stream, and kernel
 //!   frames under [`KERNEL_PID`].
+//! - 3: adds the forks of followed processes (`--follow-forks`).
 //!
 //! This module defines the format; [`writer`] and [`reader`] implement it.
 //! It does not aggregate or render.
@@ -62,7 +63,7 @@ use crate::symbolize::Frame;
 pub const MAGIC: &[u8; 8] = b"MEMTRACE";
 /// Format version written; readers refuse newer ones (see "Versions"
 /// above).
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Size of the file header.
 pub const HEADER_LEN: usize = 16;
 /// Size of a block's own header (length, crc, kind).

@@ -249,6 +249,10 @@ pub struct ProcessReport {
     pub pid: u32,
     /// Command name, when it could be read.
     pub comm: Option<String>,
+    /// The process that forked it, when it was followed from its fork
+    /// (`--follow-forks`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u32>,
     /// Whether the process exited while traced.
     pub exited: bool,
     /// Bytes allocated and not freed.
@@ -741,6 +745,7 @@ fn process_report(
     ProcessReport {
         pid: p.pid,
         comm: sym.comm(p.pid),
+        parent: p.parent,
         exited: p.exit_ts_ns.is_some(),
         live_bytes: t.live_bytes,
         live_count: t.live_count,

@@ -160,9 +160,12 @@ fn lost_lines(l: &super::LostReport, out: &mut dyn Write) -> io::Result<()> {
 fn process_line(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
-        "PID {} ({}){}: {} B live in {} blocks [{}]; {} B allocated in {} blocks; {} B freed in {}",
+        "PID {} ({}){}{}: {} B live in {} blocks [{}]; {} B allocated in {} blocks; {} B freed in {}",
         p.pid,
         p.comm.as_deref().unwrap_or("?"),
+        p.parent
+            .map(|parent| format!(", forked by PID {parent}"))
+            .unwrap_or_default(),
         if p.exited { ", exited" } else { "" },
         group(p.live_bytes),
         group(p.live_count),
@@ -190,8 +193,13 @@ fn leaks(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     if p.unknown_frees > 0 || p.missed_frees > 0 {
         writeln!(
             out,
-            "  {} frees of blocks allocated before tracing (or unknown); {} blocks reused before their free was seen",
+            "  {} frees of blocks allocated before tracing ({}); {} blocks reused before their free was seen",
             group(p.unknown_frees),
+            if p.parent.is_some() {
+                "by the parent before the fork, or unknown"
+            } else {
+                "or unknown"
+            },
             group(p.missed_frees)
         )?;
     }
