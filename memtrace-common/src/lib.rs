@@ -14,7 +14,7 @@
 
 /// Version of the record layout. The loader refuses an eBPF object that
 /// speaks another version.
-pub const EVENT_ABI: u16 = 4;
+pub const EVENT_ABI: u16 = 5;
 
 /// Deepest user stack a record carries (the kernel's default
 /// `perf_event_max_stack`).
@@ -71,6 +71,11 @@ pub enum RecordKind {
     /// A [`ForkRecord`]: a followed process created a child process
     /// (`--follow-forks`).
     Fork = 9,
+    /// Header only: the dynamic loader of a traced process finished mapping
+    /// libraries (`_dl_debug_state`). The process is stopped (SIGSTOP)
+    /// until user space has probed any new allocator library and sent
+    /// SIGCONT.
+    Loaded = 10,
 }
 
 impl RecordKind {
@@ -86,6 +91,7 @@ impl RecordKind {
             7 => Some(Self::Oom),
             8 => Some(Self::Exec),
             9 => Some(Self::Fork),
+            10 => Some(Self::Loaded),
             _ => None,
         }
     }

@@ -1,17 +1,21 @@
 //! Process lifecycle: a new child (`task:task_newtask`, followed with
 //! `--follow-forks`), exit (`sched_process_exit`, a raw tracepoint), exec
-//! (`sched:sched_process_exec`) and the OOM killer's choice
+//! (`sched:sched_process_exec`), the dynamic loader's "libraries mapped"
+//! hook (`_dl_debug_state`, a uprobe) and the OOM killer's choice
 //! (`oom:mark_victim`).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
-    macros::{raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TracePointContext},
+    bindings::BPF_RB_FORCE_WAKEUP,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_send_signal},
+    macros::{raw_tracepoint, tracepoint, uprobe},
+    programs::{ProbeContext, RawTracePointContext, TracePointContext},
 };
 use memtrace_common::{Counter, ExecRecord, ForkRecord, Header, OomRecord, RecordKind};
 
 use crate::vm::{RSS_LAST, field};
-use crate::{FOLLOW_FORKS, INFLIGHT, TRACED, count, header, self_tgid, submit, traced};
+use crate::{
+    EVENTS, FOLLOW_FORKS, INFLIGHT, TRACED, count, header, self_tgid, skipped, submit, traced,
+};
 
 /// `CLONE_THREAD`: the new task is a thread of its creator's process.
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -90,6 +94,41 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
         r.header = header(RecordKind::Exec, pid_tgid);
         r.comm = comm;
     });
+    0
+}
+
+/// `SIGSTOP`.
+const SIGSTOP: u32 = 19;
+
+/// The dynamic loader of a traced process calls `_dl_debug_state` (glibc's
+/// `r_brk`, the debugger's hook) before and after it maps libraries: at
+/// start-up, before any library's code runs, and at each `dlopen`. The
+/// process may now map an allocator library memtrace has not probed (after
+/// an exec, or a dlopen), so it is stopped until user space has looked:
+/// the record goes out with a wakeup, and user space sends SIGCONT once the
+/// new library is probed, so none of its calls is missed. Space is reserved
+/// before the signal is sent, so a stop is always reported, and the signal is
+/// queued before the record is visible, so the SIGCONT cannot come first.
+#[uprobe]
+pub fn loader_ready(_ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if skipped((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let Some(mut entry) = EVENTS.reserve::<Header>(0) else {
+        // Not stopped: its new libraries are looked for at the next stop,
+        // or its exec, and calls before that are not seen.
+        count(Counter::RingbufFull);
+        return 0;
+    };
+    entry.write(header(RecordKind::Loaded, pid_tgid));
+    // SAFETY: a helper without memory arguments; it signals the current
+    // process.
+    if unsafe { bpf_send_signal(SIGSTOP) } != 0 {
+        entry.discard(0);
+        return 0;
+    }
+    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     0
 }
 

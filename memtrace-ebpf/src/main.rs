@@ -158,7 +158,7 @@ pub(crate) fn self_tgid() -> u32 {
 /// Whether the allocator probes skip this process: memtrace itself, and
 /// with `--follow-forks` (probes on every process) any process not followed.
 #[inline(always)]
-fn skipped(tgid: u32) -> bool {
+pub(crate) fn skipped(tgid: u32) -> bool {
     if tgid == self_tgid() {
         return true;
     }

@@ -623,6 +623,8 @@ impl Aggregator {
                 self.close(*pid, *ts_ns);
                 None
             }
+            // A control event for the session; nothing to account.
+            Event::Loaded { .. } => None,
             Event::Fork {
                 pid, parent, ts_ns, ..
             } => {

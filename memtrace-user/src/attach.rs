@@ -29,6 +29,9 @@ pub enum LibKind {
     Libc,
     /// The GNU C++ runtime (`operator new`).
     Libstdcxx,
+    /// The dynamic loader (`ld-linux-x86-64.so.2`): not an allocator, but
+    /// it says when a process has mapped new libraries ([`LOADER_HOOK`]).
+    Loader,
 }
 
 impl LibKind {
@@ -39,6 +42,10 @@ impl LibKind {
             Some(Self::Libc)
         } else if name.starts_with("libstdc++.so") {
             Some(Self::Libstdcxx)
+        } else if (name.starts_with("ld-linux") && name.contains(".so"))
+            || is_versioned(name, "ld-")
+        {
+            Some(Self::Loader)
         } else {
             None
         }
@@ -103,11 +110,12 @@ pub fn libraries_of(pid: u32) -> std::io::Result<Vec<Library>> {
     Ok(libraries_in(pid, &maps::read(pid)?))
 }
 
-/// The C library this process (memtrace) uses, and the host's C++ runtime if
-/// installed: what a command started by memtrace will load.
+/// The C library and dynamic loader this process (memtrace) uses, and the
+/// host's C++ runtime if installed: what a command started by memtrace will
+/// load.
 pub fn host_libraries() -> Vec<Library> {
     let mut libs = libraries_of(std::process::id()).unwrap_or_default();
-    libs.retain(|l| l.kind == LibKind::Libc);
+    libs.retain(|l| matches!(l.kind, LibKind::Libc | LibKind::Loader));
     const DIRS: [&str; 6] = [
         "/lib/x86_64-linux-gnu",
         "/usr/lib/x86_64-linux-gnu",
@@ -126,7 +134,9 @@ pub fn host_libraries() -> Vec<Library> {
             let display = p.display().to_string();
             libs.push(Library {
                 kind: LibKind::Libstdcxx,
-                id: (format!("{:x}", meta.dev()), meta.ino()),
+                // As `maps` names it, so the library is known when the
+                // command's own mappings are read.
+                id: (maps::dev_name(meta.dev()), meta.ino()),
                 path: p,
                 display,
             });
@@ -260,6 +270,13 @@ pub const LIBSTDCXX: &[Want] = &[
     ),
 ];
 
+/// glibc's dynamic loader calls this empty function (the `r_brk` of
+/// `r_debug`, the debuggers' hook) before and after it maps libraries: at
+/// start-up and at each `dlopen`. Not an allocator function (`func` is
+/// unused), but probed so memtrace can probe a new allocator library before
+/// any of its code runs.
+pub const LOADER_HOOK: Want = want("_dl_debug_state", None, true);
+
 /// How reports name a probed symbol: C names as they are, `operator new`
 /// variants in C++ terms.
 pub fn display_name(symbol: &str) -> &str {
@@ -358,6 +375,7 @@ pub fn sites_of(lib: &Library, user: Option<u32>) -> Result<(Vec<Site>, Vec<&'st
     let wants = match lib.kind {
         LibKind::Libc => LIBC,
         LibKind::Libstdcxx => LIBSTDCXX,
+        LibKind::Loader => &[LOADER_HOOK],
     };
     let (sites, missing) = find_sites(&data, wants).map_err(|e| {
         UserError::new(
@@ -396,6 +414,12 @@ mod tests {
             LibKind::of_file_name("libstdc++.so.6.0.30"),
             Some(LibKind::Libstdcxx)
         );
+        assert_eq!(
+            LibKind::of_file_name("ld-linux-x86-64.so.2"),
+            Some(LibKind::Loader)
+        );
+        assert_eq!(LibKind::of_file_name("ld-2.31.so"), Some(LibKind::Loader));
+        assert_eq!(LibKind::of_file_name("ldap.so"), None);
         assert_eq!(LibKind::of_file_name("libcrypt.so.1"), None);
         assert_eq!(LibKind::of_file_name("libc-client.so"), None);
     }

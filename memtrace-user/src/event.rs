@@ -62,6 +62,15 @@ pub enum Event {
         /// The child's name at the fork (not kept in recordings).
         comm: Option<String>,
     },
+    /// The process's dynamic loader mapped libraries, and the process waits,
+    /// stopped, for memtrace to probe any new allocator among them and send
+    /// SIGCONT. A control event: not accounted, not recorded.
+    Loaded {
+        /// Process id.
+        pid: u32,
+        /// When.
+        ts_ns: u64,
+    },
 }
 
 impl Event {
@@ -76,7 +85,8 @@ impl Event {
             Event::Free { ts_ns, .. }
             | Event::Exit { ts_ns, .. }
             | Event::Exec { ts_ns, .. }
-            | Event::Fork { ts_ns, .. } => *ts_ns,
+            | Event::Fork { ts_ns, .. }
+            | Event::Loaded { ts_ns, .. } => *ts_ns,
         }
     }
 
@@ -104,7 +114,8 @@ impl Event {
             Event::Free { pid, .. }
             | Event::Exit { pid, .. }
             | Event::Exec { pid, .. }
-            | Event::Fork { pid, .. } => *pid,
+            | Event::Fork { pid, .. }
+            | Event::Loaded { pid, .. } => *pid,
         }
     }
 }
@@ -370,6 +381,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 comm: comm_of(&r.comm),
             })
         }
+        Some(RecordKind::Loaded) => Ok(Event::Loaded {
+            pid,
+            ts_ns: header.ts_ns,
+        }),
         Some(RecordKind::Rss) => decode_rss(bytes),
         Some(RecordKind::Vm) => decode_vm(bytes),
         Some(RecordKind::Kmem) => decode_kmem(bytes),

@@ -38,6 +38,7 @@ pub mod maps;
 pub mod mem;
 pub mod output;
 pub mod probe_point;
+pub mod probing;
 pub mod record;
 pub mod replay;
 pub mod report;

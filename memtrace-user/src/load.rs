@@ -15,7 +15,7 @@ use aya::programs::{
 use aya::{Ebpf, EbpfLoader};
 use memtrace_common::{AllocFn, Counter};
 
-use crate::attach::{Library, Site, display_name, sites_of};
+use crate::attach::{LibKind, Library, Site, display_name, sites_of};
 use crate::error::{Result, UserError};
 use crate::report::{LostSite, Probes, ProgramCost};
 use crate::tracefs;
@@ -110,7 +110,11 @@ const UPROBES: &[&str] = &[
     "valloc_enter",
     "pvalloc_enter",
     "operator_new_enter",
+    LOADER_READY,
 ];
+
+/// The program on the dynamic loader's [`LOADER_HOOK`](crate::attach::LOADER_HOOK).
+const LOADER_READY: &str = "loader_ready";
 
 /// The loaded programs and maps.
 pub struct Tracer {
@@ -298,9 +302,10 @@ impl Tracer {
     }
 
     fn attach_site(&mut self, site: &Site, lib: &Library, scope: UProbeScope) -> Result<()> {
-        let names: Vec<&str> = match site.want.func {
-            None => vec!["free_enter"],
-            Some(f) => vec![entry_program(f), ALLOC_EXIT],
+        let names: Vec<&str> = match (lib.kind, site.want.func) {
+            (LibKind::Loader, _) => vec![LOADER_READY],
+            (_, None) => vec!["free_enter"],
+            (_, Some(f)) => vec![entry_program(f), ALLOC_EXIT],
         };
         for name in names {
             let link = attach_uprobe(&mut self.ebpf, name, site, lib, scope)?;
@@ -320,7 +325,9 @@ impl Tracer {
             for link in links {
                 s.spawn(move || drop(link));
             }
-            s.spawn(move || drop(tracepoints));
+            for link in tracepoints {
+                s.spawn(move || drop(link));
+            }
         });
     }
 
@@ -440,7 +447,7 @@ impl Floor {
             NonZeroU32::new(pid).ok_or_else(|| internal("the floor", "pid 0"))?,
         );
         let mut links = Vec::new();
-        for lib in libs {
+        for lib in libs.iter().filter(|l| l.kind != LibKind::Loader) {
             let (sites, _) = sites_of(lib, Some(pid))?;
             for site in &sites {
                 links.push(attach_uprobe(&mut ebpf, "floor_enter", site, lib, scope)?);

@@ -11,7 +11,9 @@
 //!   works once the file is deleted, as after a library upgrade);
 //! - else the path resolved with `openat2(RESOLVE_IN_ROOT)` under the
 //!   process's root, so `..` and absolute links stay inside it, and only if
-//!   the file found is the mapped one (same device and inode).
+//!   the file found is the mapped one (same device and inode);
+//! - else, once the process is gone, the path as memtrace sees it, again only
+//!   if it is the very file that was mapped.
 //!
 //! This module opens files; it does not parse them (see `attach`,
 //! `symbolize`).
@@ -31,9 +33,13 @@ pub fn map_files_path(pid: u32, m: &Mapping) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/map_files/{}", m.map_files_name()))
 }
 
-/// Opens the file mapped by `m` in process `pid`.
+/// Opens the file mapped by `m` in process `pid`: through the mapping, else
+/// under the process's root, else (the process is gone) by the path as
+/// memtrace sees it, if that is the very file that was mapped.
 pub fn open(pid: u32, m: &Mapping) -> io::Result<File> {
-    File::open(map_files_path(pid, m)).or_else(|_| open_in_root(pid, m))
+    File::open(map_files_path(pid, m))
+        .or_else(|_| open_in_root(pid, m))
+        .or_else(|_| checked(File::open(&m.path)?, m, "at that path"))
 }
 
 /// Opens `m.path` inside the root of process `pid`, never leaving it, and
@@ -52,11 +58,16 @@ pub fn open_in_root(pid: u32, m: &Mapping) -> io::Result<File> {
         Mode::empty(),
         ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
     )?;
-    let file = File::from(fd);
+    checked(File::from(fd), m, "in the process's root")
+}
+
+/// `file` if it is the one `m` maps; else an error saying it was replaced.
+fn checked(file: File, m: &Mapping, where_: &str) -> io::Result<File> {
     let meta = file.metadata()?;
     if !is_mapped_file(m, meta.dev(), meta.ino()) {
         return Err(io::Error::other(format!(
-            "{path} in the root of PID {pid} is not the file mapped (it was replaced)"
+            "{} {where_} is not the file mapped (it was replaced)",
+            m.path
         )));
     }
     Ok(file)
@@ -64,8 +75,7 @@ pub fn open_in_root(pid: u32, m: &Mapping) -> io::Result<File> {
 
 /// Whether a file's device and inode are those a mapping names.
 fn is_mapped_file(m: &Mapping, dev: u64, ino: u64) -> bool {
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    m.inode == ino && m.dev == format!("{major:02x}:{minor:02x}")
+    m.inode == ino && m.dev == crate::maps::dev_name(dev)
 }
 
 #[cfg(test)]

@@ -68,6 +68,12 @@ fn parse_line(line: &str) -> Option<Mapping> {
     })
 }
 
+/// A device number as `maps` prints it (`major:minor`, hex), so a file's
+/// `stat` can be compared with a mapping.
+pub fn dev_name(dev: u64) -> String {
+    format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev))
+}
+
 /// Reads and parses `/proc/PID/maps`.
 pub fn read(pid: u32) -> io::Result<Vec<Mapping>> {
     Ok(parse(&std::fs::read_to_string(format!(

@@ -23,6 +23,7 @@ use crate::error::{Result, UserError};
 use crate::event::{self, Event};
 use crate::load::{KernelOptions, Tracer};
 use crate::output::{self, Inputs};
+use crate::probing::Probing;
 use crate::record::writer::Recorder;
 use crate::record::{Meta, ProbesMeta, Start};
 use crate::report::{self, Ledger, Probes};
@@ -42,6 +43,8 @@ enum Stop {
     TargetsExited,
     Child(i32),
     RecordingFailed,
+    /// An error while tracing: reported once everything is cleaned up.
+    Failed(UserError),
 }
 
 /// Everything fed by the ring buffer.
@@ -54,6 +57,11 @@ struct State {
     oom_victims: Vec<u32>,
     /// Children followed from their fork (`--follow-forks`).
     followed: Vec<u32>,
+    /// Execs and loader stops, for [`Probing::note`]: taken after each drain.
+    relook: Vec<Event>,
+    /// Every process is traced: the libraries probed are those found at the
+    /// start, and execs are not looked at again.
+    system_wide: bool,
 }
 
 impl State {
@@ -65,6 +73,11 @@ impl State {
     }
 
     fn apply(&mut self, ev: &Event) {
+        // Not about memory: the session acts on it (see `probing`).
+        if matches!(ev, Event::Loaded { .. }) {
+            self.relook.push(ev.clone());
+            return;
+        }
         // Its name, read while it lives, whatever its first event is (the
         // kernel side's carry no stack to trigger it).
         if let Event::Fork {
@@ -96,9 +109,34 @@ impl State {
         }
         match ev {
             Event::Oom(o) => self.oom_victims.push(o.pid),
-            Event::Exec { pid, comm, .. } => self.symbols.exec(*pid, comm.as_deref()),
+            Event::Exec { pid, comm, .. } => {
+                self.symbols.exec(*pid, comm.as_deref());
+                if !self.system_wide {
+                    self.relook.push(ev.clone());
+                }
+            }
             Event::Fork { pid, .. } => self.followed.push(*pid),
             _ => {}
+        }
+    }
+
+    /// Probes what the processes that exec'd or stopped at the loader's hook
+    /// map now, continues the stopped ones, and notes new probes in the
+    /// recording.
+    fn relook(&mut self, probing: &mut Probing, tracer: &mut Tracer) {
+        if self.relook.is_empty() {
+            return;
+        }
+        for ev in self.relook.drain(..) {
+            probing.note(&ev);
+        }
+        probing.settle(tracer);
+        if probing.take_changed()
+            && let Some(r) = &mut self.recorder
+        {
+            r.meta(&Meta::Probes {
+                probes: probing.probes().iter().map(ProbesMeta::from).collect(),
+            });
         }
     }
 
@@ -178,6 +216,9 @@ fn plan(args: &TargetArgs, child: Option<&GatedChild>) -> Result<Vec<(Library, O
     let mut libs: Vec<Library> = attach::host_libraries();
     let entries = std::fs::read_dir("/proc")
         .map_err(|e| UserError::new(format!("cannot list /proc: {e}"), "is /proc mounted?"))?;
+    // No loader hook: stopping every process on the host at each dlopen is
+    // not a price system-wide tracing should make it pay.
+    libs.retain(|l| l.kind != LibKind::Loader);
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -187,7 +228,7 @@ fn plan(args: &TargetArgs, child: Option<&GatedChild>) -> Result<Vec<(Library, O
             continue;
         };
         for lib in attach::libraries_of(pid).unwrap_or_default() {
-            if !libs.iter().any(|l| l.id == lib.id) {
+            if lib.kind != LibKind::Loader && !libs.iter().any(|l| l.id == lib.id) {
                 libs.push(lib);
             }
         }
@@ -323,19 +364,14 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     {
         tracer.trace_process(*pid)?;
     }
-    let mut probes: Vec<Probes> = Vec::new();
-    let mut probed: Vec<&Library> = Vec::new();
+    // With --follow-forks the children are not known yet: the probes go on
+    // every process, once per file, and the programs keep the followed ones
+    // (`TRACED`).
+    let mut probing = Probing::new(target_args.follow_forks);
     for (lib, pid) in &plan {
-        if !target_args.follow_forks {
-            probes.push(tracer.attach(lib, *pid)?);
-        } else if !probed.iter().any(|l| l.id == lib.id) {
-            // Followed children are not known yet: the probes go on every
-            // process, once per file, and the programs keep the followed
-            // ones (`TRACED`).
-            probes.push(tracer.attach(lib, None)?);
-            probed.push(lib);
-        }
+        probing.attach(&mut tracer, lib, *pid)?;
     }
+    probing.take_changed();
     let ring = tracer.ring_buffer()?;
     // SAFETY: the ring buffer owns its descriptor and keeps it open, and
     // unchanged, for as long as the AsyncFd holds it.
@@ -349,7 +385,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
             target: what.clone(),
         });
         r.meta(&Meta::Probes {
-            probes: probes.iter().map(ProbesMeta::from).collect(),
+            probes: probing.probes().iter().map(ProbesMeta::from).collect(),
         });
     }
 
@@ -360,6 +396,8 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         recorder,
         oom_victims: Vec::new(),
         followed: Vec::new(),
+        relook: Vec::new(),
+        system_wide: target_args.system_wide(),
     };
     for &pid in &target_args.pids {
         state.symbols.observe(pid, &[]);
@@ -406,23 +444,31 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     let stop = loop {
         tokio::select! {
             guard = ring.readable_mut() => {
-                let mut guard = guard.map_err(|e| UserError::new(format!("ring buffer poll failed: {e}"), "this is a bug"))?;
+                let mut guard = match guard {
+                    Ok(g) => g,
+                    Err(e) => break Stop::Failed(UserError::new(format!("ring buffer poll failed: {e}"), "this is a bug")),
+                };
                 // The kernel wakes a reader only once it has caught up, so
                 // readiness is cleared only when the ring is empty.
                 if state.drain(guard.get_inner_mut(), BATCH) {
                     guard.clear_ready();
                 }
+                state.relook(&mut probing, &mut tracer);
             }
             _ = poll.tick() => {
                 state.drain(ring.get_mut(), BATCH);
+                state.relook(&mut probing, &mut tracer);
             }
             _ = sigint.recv() => break Stop::Signal,
             _ = sigterm.recv() => break Stop::Signal,
             _ = sleep_until(deadline) => break Stop::Duration,
             _ = sleep_until(next_report) => {
                 state.drain(ring.get_mut(), backlog);
+                state.relook(&mut probing, &mut tracer);
                 let now = Snapshot::take(&tracer, &state, start_ns);
-                emit(&args, &mut state, &probes, &now, start_ns, &mut out)?;
+                if let Err(e) = emit(&args, &mut state, probing.probes(), &now, start_ns, &mut out) {
+                    break Stop::Failed(e);
+                }
                 next_report = period.map(|p| tokio::time::Instant::now() + p);
             }
             _ = flush.tick(), if state.recorder.is_some() => {
@@ -452,21 +498,40 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         }
         if !state.oom_victims.is_empty() {
             let now = Snapshot::take(&tracer, &state, start_ns);
-            write_oom_reports(target_args, &mut state, &probes, &now, start_ns);
+            write_oom_reports(target_args, &mut state, probing.probes(), &now, start_ns);
         }
     };
     // What the ring holds now, not what a busy host keeps adding.
     state.drain(ring.get_mut(), backlog);
+    // No process is left stopped at the loader's hook.
+    state.relook(&mut probing, &mut tracer);
     let now = Snapshot::take(&tracer, &state, start_ns);
-    write_oom_reports(target_args, &mut state, &probes, &now, start_ns);
-    if !record_only {
-        emit(&args, &mut state, &probes, &now, start_ns, &mut out)?;
-    }
+    write_oom_reports(target_args, &mut state, probing.probes(), &now, start_ns);
+    let emitted = if record_only || matches!(stop, Stop::Failed(_)) {
+        Ok(())
+    } else {
+        emit(
+            &args,
+            &mut state,
+            probing.probes(),
+            &now,
+            start_ns,
+            &mut out,
+        )
+    };
     let recorded = state.finish_recording(&now);
-    drop(ring);
-    tracer.detach();
+    // Said before the probes go: their removal takes the kernel a while, and
+    // the report and recording are complete already.
     if let Some((path, bytes, events)) = &recorded {
         summarize(path, *bytes, *events, now.ledger.traced_calls);
+    }
+    tracer.detach();
+    // A process may have stopped at the loader's hook after the last drain,
+    // until the probes went: continue it.
+    probing.continue_stopped(&mut ring.into_inner());
+    emitted?;
+    if let Stop::Failed(e) = stop {
+        return Err(e);
     }
     // A recording asked for and not written fails the run, whatever the
     // traced command's own status.
@@ -476,7 +541,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     Ok(match stop {
         Stop::Child(code) => code,
         Stop::RecordingFailed => 2,
-        Stop::Signal | Stop::Duration | Stop::TargetsExited => 0,
+        Stop::Signal | Stop::Duration | Stop::TargetsExited | Stop::Failed(_) => 0,
     })
 }
 

@@ -10,17 +10,12 @@ use serde_json::Value;
 
 use crate::{REPORT_ARGS, assert_sites, shared_machine};
 
-fn traced(follow: bool) -> Value {
+fn traced(follow: bool, fixture_args: &[&str]) -> Value {
     let mut args: Vec<&str> = REPORT_ARGS.to_vec();
     if follow {
         args.push("--follow-forks");
     }
-    let exec = fixture("alloc_fixture");
-    let mut memtrace = Memtrace::spawn_cmd(
-        args,
-        fixture("fork_fixture"),
-        ["--exec", exec.to_str().unwrap()],
-    );
+    let mut memtrace = Memtrace::spawn_cmd(args, fixture("fork_fixture"), fixture_args);
     let output = memtrace.wait();
     output.assert_status(0);
     output.json()
@@ -36,7 +31,8 @@ fn follow_forks_reports_each_child_exactly() {
         return;
     }
     let _machine = shared_machine();
-    let report = traced(true);
+    let exec = fixture("alloc_fixture");
+    let report = traced(true, &["--exec", exec.to_str().unwrap()]);
     assert_no_lost_events(&report);
     let processes = array(&report, "processes");
     let parent = processes
@@ -85,7 +81,8 @@ fn without_follow_forks_children_are_not_traced() {
         return;
     }
     let _machine = shared_machine();
-    let report = traced(false);
+    let exec = fixture("alloc_fixture");
+    let report = traced(false, &["--exec", exec.to_str().unwrap()]);
     assert_no_lost_events(&report);
     let processes = array(&report, "processes");
     assert_eq!(
@@ -98,4 +95,39 @@ fn without_follow_forks_children_are_not_traced() {
     assert_sites(parent, forks::PARENT_SITES, 1);
     assert!(matching_stacks(parent, "child_work").is_empty());
     assert!(parent.get("parent").is_none());
+}
+
+/// Children 0 and 1 get the same pid (clone3 with set_tid): two processes,
+/// each reported with its own allocations, none merged into the other.
+#[test]
+fn a_reused_pid_is_a_new_process() {
+    if !memtrace_tests::require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let report = traced(true, &["--reuse-pid"]);
+    assert_no_lost_events(&report);
+    let processes = array(&report, "processes");
+    let parent = processes
+        .iter()
+        .find(|p| p["comm"] == "fork_fixture" && p.get("parent").is_none())
+        .expect("the parent");
+    let children: Vec<&Value> = processes
+        .iter()
+        .filter(|p| p["parent"] == parent["pid"])
+        .collect();
+    let with = |i: u64| {
+        children
+            .iter()
+            .find(|p| p["total_bytes"].as_u64() == Some(forks::child_work(i).total_bytes))
+            .unwrap_or_else(|| panic!("no child {i}: {children:#?}"))
+    };
+    let (first, second) = (with(0), with(1));
+    assert_eq!(first["pid"], second["pid"], "the pid was not reused");
+    for (i, child) in [(0, first), (1, second)] {
+        assert_site(child, "child_work", forks::child_work(i));
+        assert_eq!(child["total_count"].as_u64(), Some(i + 1));
+        assert_eq!(child["unknown_frees"], 1);
+        assert_eq!(child["exited"], true);
+    }
 }

@@ -1,6 +1,7 @@
 //! Targets whose C library is not the host's: a process in its own root and
-//! mount namespace (a container, as far as files go), and a copy of libc
-//! that lacks optional allocator functions.
+//! mount namespace (a container, as far as files go), a copy of libc that
+//! lacks optional allocator functions, and a program exec'd into another
+//! libc than the one its parent was probed in.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -157,18 +158,14 @@ fn libc_without_an_optional_symbol_is_traced() {
         return;
     }
     let _machine = shared_machine();
-    let dir = TempPath::new("libc");
-    std::fs::create_dir(dir.path()).expect("mkdir");
-    let libc = host_libc();
-    let mut image = std::fs::read(&libc).expect("read libc");
-    let name = b"\0__libc_pvalloc\0";
-    let at = image
-        .windows(name.len())
-        .position(|w| w == name)
-        .expect("__libc_pvalloc in libc's dynamic strings");
-    image[at + 8] = b'q'; // __libc_qvalloc, qvalloc
-    let copy = dir.join("libc.so.6");
-    std::fs::write(&copy, &image).expect("write the copy");
+    let (dir, copy) = libc_copy(|image| {
+        let name = b"\0__libc_pvalloc\0";
+        let at = image
+            .windows(name.len())
+            .position(|w| w == name)
+            .expect("__libc_pvalloc in libc's dynamic strings");
+        image[at + 8] = b'q'; // __libc_qvalloc, qvalloc
+    });
 
     let lib_path = format!("LD_LIBRARY_PATH={}", dir.path().display());
     let phases = fixture("phases_fixture");
@@ -208,6 +205,52 @@ fn libc_without_an_optional_symbol_is_traced() {
         "{functions}"
     );
     target.finish_ok();
+}
+
+/// A directory holding a copy of the host's libc (another file, so
+/// probes on the host's do not fire in it), changed by `edit`.
+fn libc_copy(edit: impl FnOnce(&mut Vec<u8>)) -> (TempPath, PathBuf) {
+    let dir = TempPath::new("libc");
+    std::fs::create_dir(dir.path()).expect("mkdir");
+    let mut image = std::fs::read(host_libc()).expect("read libc");
+    edit(&mut image);
+    let copy = dir.join("libc.so.6");
+    std::fs::write(&copy, &image).expect("write the copy");
+    (dir, copy)
+}
+
+/// `memtrace -- env LD_LIBRARY_PATH=DIR alloc_fixture`: memtrace probes the
+/// host's libc for `env`, which execs the fixture, whose loader maps a copy
+/// of libc memtrace has not seen. The loader's hook stops it until the copy
+/// is probed, so every call is seen: exact sites, no unknown frees.
+#[test]
+fn exec_into_another_libc_is_probed_before_it_runs() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let (dir, copy) = libc_copy(|_| {});
+    let lib_path = format!("LD_LIBRARY_PATH={}", dir.path().display());
+    let program = fixture("alloc_fixture");
+    let output = Memtrace::spawn_cmd(
+        REPORT_ARGS,
+        "env",
+        [lib_path.as_str(), program.to_str().unwrap()],
+    )
+    .wait();
+    output.assert_status(0);
+    let report = output.json();
+    let p = memtrace_tests::process_by_comm(&report, "alloc_fixture");
+    assert_sites(p, c::SITES, 1);
+    assert_no_losses(&report, p);
+    let probes = report["probes"].as_array().expect("probes");
+    let pids = serde_json::json!([p["pid"]]);
+    assert!(
+        probes
+            .iter()
+            .any(|pr| pr["module"] == copy.to_str().unwrap() && pr["pids"] == pids),
+        "the copy is not probed for the fixture: {probes:#?}"
+    );
 }
 
 /// The C library the test itself runs on.

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use memtrace_tests::truth;
 use memtrace_tests::{
-    Fixture, Memtrace, assert_no_losses, assert_totals, fixture, process_by_comm, require_root,
+    Fixture, Memtrace, TempPath, assert_no_losses, assert_totals, fixture, process_by_comm,
+    require_root,
 };
 
 use crate::{REPORT_ARGS, exclusive_machine, shared_machine};
@@ -106,6 +107,75 @@ fn sigterm_gives_the_final_report() {
         process["total_count"].as_u64().is_some_and(|n| n > 0),
         "the report after SIGTERM should hold the fixture's allocations:\n{process:#}"
     );
+    target.finish_ok();
+}
+
+/// SIGTERM to a memtrace writing a report file and a recording: both are
+/// complete within a second (the stderr summary, printed once the recording
+/// is closed, marks the moment), and only then are the probes removed.
+#[test]
+fn sigterm_flushes_report_and_recording_within_a_second() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let report_file = TempPath::new("report.json");
+    let recording = TempPath::new("trace.mtr");
+    let mut target = Fixture::spawn(fixture("alloc_fixture"), ["--wait"]);
+    target.wait_ready();
+    let pid = target.pid().to_string();
+    let mut memtrace = Memtrace::spawn([
+        "-p",
+        pid.as_str(),
+        "--format",
+        "json",
+        "-o",
+        report_file.path().to_str().unwrap(),
+        "--record",
+        recording.path().to_str().unwrap(),
+    ]);
+    memtrace.wait_tracing();
+    target.go();
+    target.wait_done();
+
+    let sent = Instant::now();
+    memtrace.signal(libc::SIGTERM);
+    let flushed = loop {
+        if memtrace.stderr_so_far().contains("memtrace: recorded") {
+            break sent.elapsed();
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "no recording summary 10 s after SIGTERM:\n{}",
+            memtrace.stderr_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Read at that moment, before memtrace exits.
+    let text = std::fs::read_to_string(report_file.path()).expect("the report file");
+    let report: serde_json::Value = serde_json::from_str(&text).expect("a complete JSON report");
+    let replayed = Memtrace::run([
+        "report",
+        recording.path().to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let exited = memtrace.wait();
+    let total = sent.elapsed();
+    exited.assert_status(0);
+    replayed.assert_status(0);
+    eprintln!(
+        "SIGTERM: report and recording complete after {flushed:?}, memtrace gone after {total:?}"
+    );
+    assert!(
+        flushed < Duration::from_secs(1),
+        "report and recording took {flushed:?} after SIGTERM"
+    );
+    let live = process_by_comm(&report, "alloc_fixture");
+    let from_file = replayed.json();
+    let recorded = process_by_comm(&from_file, "alloc_fixture");
+    assert_eq!(live["total_count"], recorded["total_count"]);
+    assert!(live["total_count"].as_u64().is_some_and(|n| n > 0));
     target.finish_ok();
 }
 

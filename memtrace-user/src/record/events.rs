@@ -291,6 +291,8 @@ impl Encoder {
             }
             Event::Exit { pid, ts_ns } => self.start(*pid, EXIT, *ts_ns),
             Event::Exec { pid, ts_ns, .. } => self.start(*pid, EXEC, *ts_ns),
+            // A control event, not a fact about memory: not recorded.
+            Event::Loaded { .. } => {}
             Event::Fork {
                 pid, parent, ts_ns, ..
             } => {

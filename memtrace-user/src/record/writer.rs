@@ -115,7 +115,7 @@ impl Recorder {
     /// allocation: see [`stack_of`]), whose process the caller should
     /// snapshot for symbols now.
     pub fn record(&mut self, event: &Event) -> bool {
-        if self.file.is_none() {
+        if self.file.is_none() || matches!(event, Event::Loaded { .. }) {
             return false;
         }
         let pid = event.pid();
