@@ -173,6 +173,7 @@ pub fn ledger_of(c: &Counters) -> Ledger {
             .collect(),
         decode_errors: c.decode_errors,
         traced_calls: c.traced_calls,
+        memtrace: None,
         // Not recorded: a recording is about the traced program.
         probe_cost: Vec::new(),
         // Not recorded yet: a recording's ledger has the totals only.

@@ -26,7 +26,7 @@ use crate::output::{self, Inputs};
 use crate::probing::Probing;
 use crate::record::writer::Recorder;
 use crate::record::{Meta, ProbesMeta, Start};
-use crate::report::{self, Ledger, Probes};
+use crate::report::{self, Ledger, Probes, SelfUsage};
 use crate::symbolize::Symbols;
 use crate::target::{self, GatedChild};
 
@@ -606,6 +606,7 @@ impl Snapshot {
                     .map_or(0, |(_, v)| *v),
                 probe_cost: tracer.probe_cost(),
                 lost_sites: tracer.lost_sites(),
+                memtrace: Some(SelfUsage::now()),
             },
             now_ns,
             duration_s: now_ns.saturating_sub(start_ns) as f64 / 1e9,

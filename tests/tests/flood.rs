@@ -35,18 +35,30 @@ fn counted_and_lost(process: &Value, function: &str) -> (u64, u64) {
     (counted, lost)
 }
 
-/// A 1 MiB ring and memtrace stopped (SIGSTOP) for half a second while the
-/// fixture churns 300,000 malloc+free pairs: records are certainly dropped,
-/// and `churn`'s allocations counted plus lost are exactly 300,000.
+/// memtrace's own peak RSS under the flood must stay under this: its ring
+/// (1 MiB, mapped twice), symbol tables and a churn's few live blocks. Its
+/// state grows with live blocks and distinct stacks, not with calls.
+const FLOOD_RSS_CAP: u64 = 96 << 20;
+
+/// Four threads churn 250,000 malloc+free pairs each, as fast as the cores
+/// allow, into a 1 MiB ring, with memtrace stopped (SIGSTOP) for half a
+/// second: records are certainly dropped, yet memtrace runs on, its memory
+/// stays under [`FLOOD_RSS_CAP`], and `churn`'s allocations counted plus
+/// lost are exactly 1,000,000.
 #[test]
 fn flood_ledger_is_exact_per_call_site() {
     if !require_root() {
         return;
     }
     let _machine = shared_machine();
-    const PAIRS: u64 = 300_000;
-    let pairs = PAIRS.to_string();
-    let mut target = Fixture::spawn(fixture("phases_fixture"), ["--wait", "--churn", &pairs]);
+    const THREADS: u64 = 4;
+    const PER_THREAD: u64 = 250_000;
+    const PAIRS: u64 = THREADS * PER_THREAD;
+    let (per_thread, threads) = (PER_THREAD.to_string(), THREADS.to_string());
+    let mut target = Fixture::spawn(
+        fixture("phases_fixture"),
+        ["--wait", "--churn", &per_thread, "--threads", &threads],
+    );
     target.wait_ready();
     let pid = target.pid().to_string();
     let mut memtrace = Memtrace::spawn([
@@ -95,4 +107,15 @@ fn flood_ledger_is_exact_per_call_site() {
         "{dropped} records lost by call site, {full} in ringbuf_full"
     );
     assert_eq!(report["lost"]["lost_table_full"], 0);
+    let rss = report["memtrace"]["peak_rss_bytes"]
+        .as_u64()
+        .expect("memtrace.peak_rss_bytes");
+    eprintln!(
+        "flood: {counted} counted + {lost} lost = {PAIRS}; ringbuf_full {full}; memtrace peak RSS {} KiB",
+        rss >> 10
+    );
+    assert!(
+        rss < FLOOD_RSS_CAP,
+        "memtrace's peak RSS under the flood: {rss} bytes, cap {FLOOD_RSS_CAP}"
+    );
 }

@@ -237,6 +237,9 @@ pub struct Report {
     /// Time memtrace's eBPF programs ran (`--probe-cost`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub probe_cost: Vec<ProgramCost>,
+    /// What memtrace itself used (live traces only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memtrace: Option<SelfUsage>,
     /// For a report from a recording: how much of it could be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recording: Option<crate::record::reader::Integrity>,
@@ -539,6 +542,32 @@ pub struct Ledger {
     /// Allocator records the full ring buffer dropped, by process and call
     /// site.
     pub lost_sites: Vec<LostSite>,
+    /// What memtrace itself used, when tracing live (not from a recording).
+    pub memtrace: Option<SelfUsage>,
+}
+
+/// memtrace's own footprint, so a report shows what tracing cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct SelfUsage {
+    /// Peak resident memory (`ru_maxrss`), the ring buffer's pages included.
+    pub peak_rss_bytes: u64,
+    /// CPU time, user and system.
+    pub cpu_seconds: f64,
+}
+
+impl SelfUsage {
+    /// This process's usage so far.
+    pub fn now() -> Self {
+        // SAFETY: an all-zero rusage is valid; getrusage fills it.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `u` is a valid out-pointer.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Self {
+            peak_rss_bytes: u.ru_maxrss as u64 * 1024,
+            cpu_seconds: secs(u.ru_utime) + secs(u.ru_stime),
+        }
+    }
 }
 
 /// What the full ring buffer dropped of one process.
@@ -636,6 +665,7 @@ pub fn build(
         traced_calls: ledger.traced_calls,
         probes: probes.to_vec(),
         probe_cost: ledger.probe_cost.clone(),
+        memtrace: ledger.memtrace,
         recording: None,
     }
 }

@@ -55,6 +55,14 @@ pub fn render(r: &Report, view: View, out: &mut dyn Write) -> io::Result<()> {
         }
         writeln!(out)?;
     }
+    if let Some(m) = &r.memtrace {
+        writeln!(
+            out,
+            "memtrace itself: peak RSS {}, CPU {:.2} s",
+            human(m.peak_rss_bytes),
+            m.cpu_seconds
+        )?;
+    }
     if !r.probe_cost.is_empty() {
         let costs: Vec<String> = r
             .probe_cost
@@ -578,7 +586,7 @@ pub fn human_ns(v: u64) -> String {
 pub(crate) mod tests {
     use memtrace_common::AllocFn;
 
-    use super::super::{Ledger, Options, Probes, TimelinePoint, build, tests::sample};
+    use super::super::{Ledger, Options, Probes, SelfUsage, TimelinePoint, build, tests::sample};
     use super::*;
     use crate::agg::{Aggregator, Config};
     use crate::event::{Alloc, Event};
@@ -726,6 +734,7 @@ pub(crate) mod tests {
             traced_calls: 61,
             probe_cost: Vec::new(),
             lost_sites: Vec::new(),
+            memtrace: None,
         };
         let probes = [Probes {
             module: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
@@ -860,6 +869,10 @@ pub(crate) mod tests {
         let (agg, mut table) = sample();
         let ledger = Ledger {
             kernel: vec![("ringbuf_full", 0), ("stack_lost", 0)],
+            memtrace: Some(SelfUsage {
+                peak_rss_bytes: 48 << 20,
+                cpu_seconds: 1.254,
+            }),
             ..Ledger::default()
         };
         let r = build(&agg, &ledger, &[], &mut table, &Options::default());
@@ -871,6 +884,10 @@ pub(crate) mod tests {
             "{text}"
         );
         assert!(text.contains("5,000 B live in 1 blocks"), "{text}");
+        assert!(
+            text.contains("memtrace itself: peak RSS 48.0 MiB, CPU 1.25 s"),
+            "{text}"
+        );
         assert!(text.contains("      leak_big\n      main\n"), "{text}");
         assert!(
             text.contains("not seen: decode_errors=0 missed_frees=0 ringbuf_full=0 stack_lost=0 unknown_frees=0"),
