@@ -7,7 +7,8 @@
 use aya_ebpf::{
     bindings::BPF_RB_FORCE_WAKEUP,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_send_signal},
-    macros::{raw_tracepoint, tracepoint, uprobe},
+    macros::{map, raw_tracepoint, tracepoint, uprobe},
+    maps::HashMap,
     programs::{ProbeContext, RawTracePointContext, TracePointContext},
 };
 use memtrace_common::{Counter, ExecRecord, ForkRecord, Header, OomRecord, RecordKind};
@@ -100,6 +101,11 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
 /// `SIGSTOP`.
 const SIGSTOP: u32 = 19;
 
+/// Processes stopped at the loader's hook and not yet continued by memtrace
+/// (which removes them): what its guard process continues if memtrace dies.
+#[map]
+static STOPPED: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
 /// The dynamic loader of a traced process calls `_dl_debug_state` (glibc's
 /// `r_brk`, the debugger's hook) before and after it maps libraries: at
 /// start-up, before any library's code runs, and at each `dlopen`. The
@@ -128,6 +134,10 @@ pub fn loader_ready(_ctx: ProbeContext) -> u32 {
         entry.discard(0);
         return 0;
     }
+    // For memtrace's guard process, should memtrace die before it sends
+    // SIGCONT (see `guard` in memtrace-user). A full table leaves the stop
+    // to memtrace alone.
+    let _ = STOPPED.insert((pid_tgid >> 32) as u32, 1, 0);
     entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     0
 }

@@ -58,6 +58,13 @@ pub enum Command {
     Report(ReportArgs),
     /// Per-stack growth between two recordings, or two times of one.
     Diff(DiffArgs),
+    /// Internal: continues the processes memtrace stopped if memtrace dies
+    /// (started by memtrace itself; see `guard`).
+    #[command(hide = true)]
+    Guard {
+        /// Id of the BPF map of stopped processes.
+        map_id: u32,
+    },
 }
 
 /// What to trace.

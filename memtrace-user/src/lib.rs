@@ -31,6 +31,7 @@ pub mod diff;
 pub mod dist;
 pub mod error;
 pub mod event;
+pub mod guard;
 pub mod live;
 pub mod load;
 pub mod mapped;

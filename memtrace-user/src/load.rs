@@ -331,6 +331,22 @@ impl Tracer {
         });
     }
 
+    /// The map of processes stopped at the loader's hook, and its id (for
+    /// the guard process). Call once.
+    pub fn stopped(&mut self) -> Result<(u32, crate::guard::Stopped)> {
+        let map = self
+            .ebpf
+            .take_map("STOPPED")
+            .ok_or_else(|| internal("STOPPED", "map missing"))?;
+        let id = match &map {
+            aya::maps::Map::HashMap(data) => data.info().map(|i| i.id()),
+            _ => return Err(internal("STOPPED", "not a hash map")),
+        }
+        .map_err(|e| internal("STOPPED", e))?;
+        let stopped = crate::guard::Stopped::try_from(map).map_err(|e| internal("STOPPED", e))?;
+        Ok((id, stopped))
+    }
+
     /// The ring buffer of records. Call once.
     pub fn ring_buffer(&mut self) -> Result<RingBuf<MapData>> {
         let map = self

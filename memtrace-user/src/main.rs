@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Report(r)) => memtrace::replay::run(r),
         Some(Command::Diff(d)) => memtrace::diff::run(d),
+        Some(Command::Guard { map_id }) => memtrace::guard::run(map_id),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

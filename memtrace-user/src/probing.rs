@@ -18,6 +18,7 @@ use aya::maps::{MapData, RingBuf};
 use crate::attach::{self, Library};
 use crate::error::Result;
 use crate::event::Event;
+use crate::guard::Stopped;
 use crate::load::Tracer;
 use crate::report::Probes;
 
@@ -33,6 +34,10 @@ pub struct Probing {
     pending: Vec<(u32, bool)>,
     /// Whether `probes` grew since [`Probing::take_changed`].
     changed: bool,
+    /// The kernel's list of processes stopped at the loader's hook, which
+    /// memtrace's guard reads if memtrace dies; a process leaves it when
+    /// continued.
+    stopped: Option<Stopped>,
 }
 
 impl Probing {
@@ -45,6 +50,22 @@ impl Probing {
             done: Vec::new(),
             pending: Vec::new(),
             changed: false,
+            stopped: None,
+        }
+    }
+
+    /// The kernel's list of stopped processes (see [`crate::guard`]).
+    pub fn set_stopped(&mut self, stopped: Stopped) {
+        self.stopped = Some(stopped);
+    }
+
+    /// Lets a process stopped at the loader's hook run on.
+    fn resume(&mut self, pid: u32) {
+        // SAFETY: kill has no memory-safety preconditions. A pid reused
+        // meanwhile would get a harmless SIGCONT.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+        if let Some(s) = &mut self.stopped {
+            let _ = s.remove(&pid);
         }
     }
 
@@ -90,7 +111,7 @@ impl Probing {
                 }
             }
             if stopped {
-                sigcont(pid);
+                self.resume(pid);
             }
         }
     }
@@ -105,7 +126,7 @@ impl Probing {
         }
         for (pid, stopped) in std::mem::take(&mut self.pending) {
             if stopped {
-                sigcont(pid);
+                self.resume(pid);
             }
         }
     }
@@ -119,11 +140,4 @@ impl Probing {
     pub fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
     }
-}
-
-/// Lets a process stopped at the loader's hook run on.
-fn sigcont(pid: u32) {
-    // SAFETY: kill has no memory-safety preconditions. A pid reused
-    // meanwhile would get a harmless SIGCONT.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
 }

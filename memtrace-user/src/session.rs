@@ -21,6 +21,7 @@ use crate::attach::{self, LibKind, Library};
 use crate::cli::{CountArgs, TargetArgs, TraceArgs};
 use crate::error::{Result, UserError};
 use crate::event::{self, Event};
+use crate::guard::Guard;
 use crate::load::{KernelOptions, Tracer};
 use crate::output::{self, Inputs};
 use crate::probing::Probing;
@@ -368,6 +369,15 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     // every process, once per file, and the programs keep the followed ones
     // (`TRACED`).
     let mut probing = Probing::new(target_args.follow_forks);
+    // Processes stopped at the loader's hook are continued even if memtrace
+    // is killed (not tracing every process: no hook then).
+    let guard = if target_args.system_wide() {
+        None
+    } else {
+        let (id, stopped) = tracer.stopped()?;
+        probing.set_stopped(stopped);
+        Some(Guard::spawn(id)?)
+    };
     for (lib, pid) in &plan {
         probing.attach(&mut tracer, lib, *pid)?;
     }
@@ -529,6 +539,9 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     // A process may have stopped at the loader's hook after the last drain,
     // until the probes went: continue it.
     probing.continue_stopped(&mut ring.into_inner());
+    if let Some(g) = guard {
+        g.finish();
+    }
     emitted?;
     if let Stop::Failed(e) = stop {
         return Err(e);

@@ -77,6 +77,47 @@ fn sigkill_leaves_no_probe_behind() {
     target.finish_ok();
 }
 
+/// The state letter of `/proc/PID/stat` (`T`: stopped).
+fn state_of(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// A traced shell execs the C fixture while memtrace is stopped: the
+/// fixture stops at the dynamic loader's hook, waiting for memtrace to probe
+/// its libraries, and memtrace is killed with SIGKILL. Its guard process
+/// continues the fixture, which does its work and exits cleanly.
+#[test]
+fn sigkill_while_a_target_waits_at_the_loader_leaves_it_running() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let program = fixture("alloc_fixture");
+    let script = format!("echo ready; read go; exec {}", program.display());
+    let mut target = Fixture::spawn("sh", ["-c", script.as_str()]);
+    target.wait_ready();
+    let pid = target.pid();
+    let pid_arg = pid.to_string();
+    let mut memtrace = Memtrace::spawn(["-p", pid_arg.as_str(), "--format", "json"]);
+    memtrace.wait_tracing();
+    memtrace.signal(libc::SIGSTOP);
+    target.go();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of(pid) != Some('T') {
+        assert!(
+            Instant::now() < deadline,
+            "the exec'd fixture never stopped at the loader's hook (state {:?})",
+            state_of(pid)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    memtrace.signal(libc::SIGKILL);
+    let _ = memtrace.wait();
+    target.wait_done();
+    target.finish_ok();
+}
+
 /// The C fixture traced by `memtrace -p` (JSON report), its work done.
 fn traced_work() -> (Fixture, Memtrace) {
     let mut target = Fixture::spawn(fixture("alloc_fixture"), ["--wait"]);
