@@ -21,28 +21,31 @@ use crate::{
 /// `CLONE_THREAD`: the new task is a thread of its creator's process.
 const CLONE_THREAD: u64 = 0x0001_0000;
 
-/// `task:task_newtask` (pid 8, comm 12, clone_flags 32), in the creator's context,
-/// before the new task first runs: with `--follow-forks`, a followed
-/// process's new child process is followed too, so none of its calls is
-/// missed. Threads are not new processes.
+/// `task:task_newtask` (pid 8, comm 12, clone_flags 32), in the creator's
+/// context, before the new task first runs. With `--follow-forks`, a
+/// followed process's new child process is followed too, so none of its
+/// calls is missed. When every process is traced, each new process is
+/// reported too: it starts a new account even if the exit of an earlier
+/// process with its pid was lost. Threads are not new processes.
 #[tracepoint]
 pub fn process_fork(ctx: TracePointContext) -> u32 {
-    // SAFETY: as in `self_tgid`.
-    if unsafe { core::ptr::read_volatile(&FOLLOW_FORKS) } == 0 {
-        return 0;
-    }
     let flags: u64 = field(&ctx, 32);
     if flags & CLONE_THREAD != 0 {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: a read-only look at a map value.
-    if unsafe { TRACED.get((pid_tgid >> 32) as u32) }.is_none() {
-        return 0;
-    }
     let child: i32 = field(&ctx, 8);
-    if TRACED.insert(child as u32, 1, 0).is_err() {
-        count(Counter::TracedFull);
+    // SAFETY: as in `self_tgid`.
+    if unsafe { core::ptr::read_volatile(&FOLLOW_FORKS) } != 0 {
+        // SAFETY: a read-only look at a map value.
+        if unsafe { TRACED.get((pid_tgid >> 32) as u32) }.is_none() {
+            return 0;
+        }
+        if TRACED.insert(child as u32, 1, 0).is_err() {
+            count(Counter::TracedFull);
+            return 0;
+        }
+    } else if !traced((pid_tgid >> 32) as u32) {
         return 0;
     }
     let comm: [u8; 16] = field(&ctx, 12);

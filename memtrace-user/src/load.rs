@@ -40,8 +40,9 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("oom_victim", "oom", "mark_victim"),
 ];
 
-/// New processes, attached with `--follow-forks` only (every fork and
-/// thread creation on the host runs it then).
+/// New processes, attached with `--follow-forks` (to follow them) and when
+/// tracing every process (so a pid reused after a lost exit record starts a
+/// new account); every fork and thread creation on the host runs it then.
 const FORK_TRACEPOINTS: &[(&str, &str, &str)] = &[("process_fork", "task", "task_newtask")];
 
 /// Kernel-allocation tracepoints, attached with `--kernel` only: every
@@ -168,7 +169,8 @@ impl Tracer {
         if opts.kernel_allocations {
             tracefs::check(&tracefs_root, tracefs::KERNEL_FIELDS)?;
         }
-        if opts.follow_forks {
+        let forks = opts.follow_forks || opts.all_processes;
+        if forks {
             tracefs::check(&tracefs_root, tracefs::FORK_FIELDS)?;
         }
         let follow_forks = opts.follow_forks as u8;
@@ -231,7 +233,7 @@ impl Tracer {
         if opts.kernel_allocations {
             tracer.attach_tracepoints(KERNEL_TRACEPOINTS)?;
         }
-        if opts.follow_forks {
+        if forks {
             tracer.attach_tracepoints(FORK_TRACEPOINTS)?;
         }
         Ok(tracer)

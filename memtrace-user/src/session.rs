@@ -63,6 +63,8 @@ struct State {
     /// Every process is traced: the libraries probed are those found at the
     /// start, and execs are not looked at again.
     system_wide: bool,
+    /// `--follow-forks`: the trace lasts while a followed child runs.
+    follow_forks: bool,
 }
 
 impl State {
@@ -116,7 +118,7 @@ impl State {
                     self.relook.push(ev.clone());
                 }
             }
-            Event::Fork { pid, .. } => self.followed.push(*pid),
+            Event::Fork { pid, .. } if self.follow_forks => self.followed.push(*pid),
             _ => {}
         }
     }
@@ -408,6 +410,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         followed: Vec::new(),
         relook: Vec::new(),
         system_wide: target_args.system_wide(),
+        follow_forks: target_args.follow_forks,
     };
     for &pid in &target_args.pids {
         state.symbols.observe(pid, &[]);
