@@ -194,6 +194,17 @@ fn sigterm_flushes_report_and_recording_within_a_second() {
     };
     // Read at that moment, before memtrace exits.
     let text = std::fs::read_to_string(report_file.path()).expect("the report file");
+    for file in [report_file.path(), recording.path()] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(file).expect("stat").permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "{} is mode {:o}",
+            file.display(),
+            mode & 0o777
+        );
+    }
     let report: serde_json::Value = serde_json::from_str(&text).expect("a complete JSON report");
     let replayed = Memtrace::run([
         "report",
