@@ -591,14 +591,15 @@ pub fn encode_alloc(a: &Alloc) -> Vec<u8> {
         frames: [0; MAX_FRAMES],
     };
     rec.frames[..a.stack.len()].copy_from_slice(&a.stack);
-    // SAFETY: a `#[repr(C)]` record without padding, viewed as bytes.
-    let all = unsafe {
-        std::slice::from_raw_parts(
-            (&rec as *const AllocRecord).cast::<u8>(),
-            size_of::<AllocRecord>(),
-        )
-    };
-    all[..AllocRecord::FIXED_LEN + 8 * a.stack.len()].to_vec()
+    bytes_of(&rec)[..AllocRecord::FIXED_LEN + 8 * a.stack.len()].to_vec()
+}
+
+/// A record as the kernel side writes it: its bytes. Only for the
+/// `#[repr(C)]` records of `memtrace_common`, which have no padding.
+fn bytes_of<T: Copy>(rec: &T) -> &[u8] {
+    // SAFETY: `T` is a plain-data record without padding (every caller
+    // passes a `memtrace_common` record), so all its bytes are initialized.
+    unsafe { std::slice::from_raw_parts((rec as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
 /// Encodes `free(addr)` as the kernel side writes it (for tests and
@@ -615,14 +616,7 @@ pub fn encode_free(pid: u32, tid: u32, ts_ns: u64, addr: u64) -> Vec<u8> {
         },
         addr,
     };
-    // SAFETY: a `#[repr(C)]` record without padding, viewed as bytes.
-    unsafe {
-        std::slice::from_raw_parts(
-            (&rec as *const FreeRecord).cast::<u8>(),
-            size_of::<FreeRecord>(),
-        )
-    }
-    .to_vec()
+    bytes_of(&rec).to_vec()
 }
 
 #[cfg(test)]
@@ -665,15 +659,8 @@ mod tests {
             comm: [0; 16],
         };
         r.comm[..4].copy_from_slice(b"make");
-        // SAFETY: a `#[repr(C)]` record of integers, viewed as its bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&r as *const ForkRecord).cast::<u8>(),
-                size_of::<ForkRecord>(),
-            )
-        };
         assert_eq!(
-            decode(bytes),
+            decode(bytes_of(&r)),
             Ok(Event::Fork {
                 pid: 12,
                 parent: 7,
@@ -697,28 +684,14 @@ mod tests {
             comm: [0; 16],
         };
         r.comm[..12].copy_from_slice(b"rust_fixture");
-        // SAFETY: a `#[repr(C)]` record of integers, viewed as its bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&r as *const ExecRecord).cast::<u8>(),
-                size_of::<ExecRecord>(),
-            )
-        };
         let exec = |comm: Option<&str>| Event::Exec {
             pid: 7,
             ts_ns: 100,
             comm: comm.map(str::to_string),
         };
-        assert_eq!(decode(bytes), Ok(exec(Some("rust_fixture"))));
+        assert_eq!(decode(bytes_of(&r)), Ok(exec(Some("rust_fixture"))));
         r.comm = [0; 16];
-        // SAFETY: as above.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&r as *const ExecRecord).cast::<u8>(),
-                size_of::<ExecRecord>(),
-            )
-        };
-        assert_eq!(decode(bytes), Ok(exec(None)));
+        assert_eq!(decode(bytes_of(&r)), Ok(exec(None)));
     }
 
     #[test]

@@ -58,6 +58,20 @@ fn root_for(program: &Path) -> (TempPath, String) {
     (root, format!("/{name}"))
 }
 
+/// Attaches `memtrace -p` to a fixture waiting at "ready", lets it work,
+/// and returns the JSON report.
+fn traced_work(target: &mut Fixture) -> Value {
+    let pid = target.pid().to_string();
+    let mut memtrace = Memtrace::spawn(["-p", pid.as_str()].iter().chain(&REPORT_ARGS));
+    memtrace.wait_tracing();
+    target.go();
+    target.wait_done();
+    memtrace.interrupt();
+    let output = memtrace.wait();
+    output.assert_status(0);
+    output.json()
+}
+
 /// The directory of the C library a process maps, as this process names it
 /// (the kernel prints paths in `maps` from the reader's root, not the
 /// process's).
@@ -122,14 +136,7 @@ fn container_libc_is_probed_through_the_mapping_not_its_path() {
         ],
     );
 
-    let mut memtrace = Memtrace::spawn(["-p", ns.as_str()].iter().chain(&REPORT_ARGS));
-    memtrace.wait_tracing();
-    target.go();
-    target.wait_done();
-    memtrace.interrupt();
-    let output = memtrace.wait();
-    output.assert_status(0);
-    let report = output.json();
+    let report = traced_work(&mut target);
     let p = process(&report, pid);
     assert_sites(p, c::SITES, 1);
     assert_totals(p, truth::totals_of(c::SITES, 1));
@@ -180,15 +187,7 @@ fn libc_without_an_optional_symbol_is_traced() {
         maps.contains(copy.to_str().unwrap()),
         "the fixture does not map the copy"
     );
-    let ns = pid.to_string();
-    let mut memtrace = Memtrace::spawn(["-p", ns.as_str()].iter().chain(&REPORT_ARGS));
-    memtrace.wait_tracing();
-    target.go();
-    target.wait_done();
-    memtrace.interrupt();
-    let output = memtrace.wait();
-    output.assert_status(0);
-    let report = output.json();
+    let report = traced_work(&mut target);
     let p = process(&report, pid);
     assert_sites(p, phases::SITES, 1);
     assert_totals(p, truth::totals_of(phases::SITES, 1));
