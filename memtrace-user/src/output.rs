@@ -151,6 +151,7 @@ pub fn counters_of(ledger: &Ledger) -> Counters {
             .collect::<BTreeMap<_, _>>(),
         decode_errors: ledger.decode_errors,
         traced_calls: ledger.traced_calls,
+        memtrace: ledger.memtrace.map(Into::into),
     }
 }
 
@@ -173,7 +174,7 @@ pub fn ledger_of(c: &Counters) -> Ledger {
             .collect(),
         decode_errors: c.decode_errors,
         traced_calls: c.traced_calls,
-        memtrace: None,
+        memtrace: c.memtrace.map(Into::into),
         // Not recorded: a recording is about the traced program.
         probe_cost: Vec::new(),
         // Not recorded yet: a recording's ledger has the totals only.

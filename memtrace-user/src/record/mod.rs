@@ -200,6 +200,19 @@ pub struct Counters {
     pub decode_errors: u64,
     /// Traced calls.
     pub traced_calls: u64,
+    /// What memtrace itself used (absent from recordings of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memtrace: Option<SelfCounters>,
+}
+
+/// memtrace's own footprint as a recording keeps it (see
+/// [`crate::report::SelfUsage`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfCounters {
+    /// Peak resident memory.
+    pub peak_rss_bytes: u64,
+    /// CPU time, user and system, in microseconds.
+    pub cpu_us: u64,
 }
 
 /// A [`Frame`] with the fields reports skip in JSON but need later (module

@@ -237,7 +237,7 @@ pub struct Report {
     /// Time memtrace's eBPF programs ran (`--probe-cost`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub probe_cost: Vec<ProgramCost>,
-    /// What memtrace itself used (live traces only).
+    /// What memtrace itself used while tracing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memtrace: Option<SelfUsage>,
     /// For a report from a recording: how much of it could be read.
@@ -542,7 +542,7 @@ pub struct Ledger {
     /// Allocator records the full ring buffer dropped, by process and call
     /// site.
     pub lost_sites: Vec<LostSite>,
-    /// What memtrace itself used, when tracing live (not from a recording).
+    /// What memtrace itself used (from a recording: when it was made).
     pub memtrace: Option<SelfUsage>,
 }
 
@@ -562,10 +562,30 @@ impl SelfUsage {
         let mut u: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: `u` is a valid out-pointer.
         unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        Self {
+        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        Self::from(crate::record::SelfCounters {
             peak_rss_bytes: u.ru_maxrss as u64 * 1024,
-            cpu_seconds: secs(u.ru_utime) + secs(u.ru_stime),
+            cpu_us: us(u.ru_utime) + us(u.ru_stime),
+        })
+    }
+}
+
+// Through whole microseconds both ways, so a report from a recording shows
+// exactly what the live one did.
+impl From<crate::record::SelfCounters> for SelfUsage {
+    fn from(c: crate::record::SelfCounters) -> Self {
+        Self {
+            peak_rss_bytes: c.peak_rss_bytes,
+            cpu_seconds: c.cpu_us as f64 / 1e6,
+        }
+    }
+}
+
+impl From<SelfUsage> for crate::record::SelfCounters {
+    fn from(u: SelfUsage) -> Self {
+        Self {
+            peak_rss_bytes: u.peak_rss_bytes,
+            cpu_us: (u.cpu_seconds * 1e6).round() as u64,
         }
     }
 }
