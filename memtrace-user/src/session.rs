@@ -424,7 +424,12 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     // its children did).
     let mut command_status: Option<i32> = None;
     if let Some(child) = child {
-        child.release();
+        child.release().map_err(|e| {
+            UserError::new(
+                format!("cannot run {}: {e}", target_args.command[0]),
+                "is it a program for this machine, or a script without a #! line?",
+            )
+        })?;
     }
     let until = target_args
         .effective_duration()

@@ -125,13 +125,25 @@ pub struct GatedChild {
     /// Its process id (the same after exec).
     pub pid: u32,
     gate: OwnedFd,
+    /// Closed by a successful exec (close-on-exec); a failed one writes its
+    /// errno here first.
+    exec_result: OwnedFd,
 }
 
 impl GatedChild {
-    /// Lets the child exec its command.
-    pub fn release(self) {
+    /// Lets the child exec its command, and waits for the exec: the error if
+    /// it failed (the child then exits with status 127).
+    pub fn release(self) -> std::io::Result<()> {
         // SAFETY: writes one byte from a valid buffer to a pipe we own.
         unsafe { libc::write(self.gate.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+        drop(self.gate);
+        let mut errno = [0u8; 4];
+        let mut file = std::fs::File::from(self.exec_result);
+        match std::io::Read::read_exact(&mut file, &mut errno) {
+            Ok(()) => Err(std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno))),
+            // End of file: the pipe closed with the exec.
+            Err(_) => Ok(()),
+        }
     }
 }
 
@@ -167,6 +179,26 @@ pub fn spawn_gated(argv: &[String]) -> Result<GatedChild> {
             "check the path of the program after --",
         ));
     }
+    // What exec would refuse, said before anything is started.
+    if let Ok(meta) = program.metadata() {
+        use std::os::unix::fs::PermissionsExt;
+        let why = if meta.is_dir() {
+            Some("it is a directory".to_string())
+        } else if meta.permissions().mode() & 0o111 == 0 {
+            Some(format!(
+                "it is not executable (mode {:o})",
+                meta.permissions().mode() & 0o7777
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(UserError::new(
+                format!("cannot run {}: {why}", program.display()),
+                "give the program to run after --",
+            ));
+        }
+    }
     let cstr = |s: &str| {
         CString::new(s).map_err(|_| {
             UserError::new(
@@ -190,6 +222,17 @@ pub fn spawn_gated(argv: &[String]) -> Result<GatedChild> {
     }
     // SAFETY: both descriptors were just created and are owned here only.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut fds = [0; 2];
+    // SAFETY: as above.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(UserError::new(
+            format!("pipe2 failed: {}", std::io::Error::last_os_error()),
+            "too many open files?",
+        ));
+    }
+    // SAFETY: as above.
+    let (result_rd, result_wr) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // SAFETY: after fork the child calls only async-signal-safe functions
     // (close, read, execv, write, _exit) on data prepared before the fork.
     match unsafe { libc::fork() } {
@@ -199,21 +242,25 @@ pub fn spawn_gated(argv: &[String]) -> Result<GatedChild> {
         )),
         0 => unsafe {
             libc::close(wr.as_raw_fd());
+            libc::close(result_rd.as_raw_fd());
             let mut b = 0u8;
             let n = libc::read(rd.as_raw_fd(), (&raw mut b).cast(), 1);
             if n != 1 {
                 libc::_exit(127);
             }
             libc::execv(path.as_ptr(), arg_ptrs.as_ptr());
-            let msg = b"memtrace: exec of the command failed\n";
-            libc::write(2, msg.as_ptr().cast(), msg.len());
+            // memtrace says why (`release`).
+            let errno = (*libc::__errno_location()).to_ne_bytes();
+            libc::write(result_wr.as_raw_fd(), errno.as_ptr().cast(), errno.len());
             libc::_exit(127)
         },
         pid => {
             drop(rd);
+            drop(result_wr);
             Ok(GatedChild {
                 pid: pid as u32,
                 gate: wr,
+                exec_result: result_rd,
             })
         }
     }
@@ -279,8 +326,26 @@ mod tests {
             .build()
             .unwrap();
         let rx = wait_in_background(pid);
-        child.release();
+        child.release().unwrap();
         assert_eq!(rt.block_on(rx).unwrap(), 7);
+    }
+
+    #[test]
+    fn a_failed_exec_is_reported_by_release() {
+        // Executable, but not a format the kernel runs.
+        let path = std::env::temp_dir().join(format!("memtrace-noexec-{}", std::process::id()));
+        std::fs::write(&path, b"not a program").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let child = spawn_gated(&[path.to_string_lossy().into_owned()]).unwrap();
+        let rx = wait_in_background(child.pid);
+        let err = child.release().unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOEXEC));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(rt.block_on(rx).unwrap(), 127);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -109,6 +109,19 @@ fn error_unknown_command() {
     let _machine = shared_machine();
     let output = Memtrace::spawn(["--", "/nonexistent-dir/program"]).wait();
     output.assert_error(&["not found", "/nonexistent-dir/program"]);
+    // What exec would refuse is said before anything starts.
+    let dir = std::env::temp_dir();
+    let output = Memtrace::spawn([std::ffi::OsStr::new("--"), dir.as_os_str()]).wait();
+    output.assert_error(&["cannot run", "directory"]);
+    let plain = memtrace_tests::TempPath::new("plain.txt");
+    fs::write(plain.path(), "not a program\n").expect("write a plain file");
+    let output = Memtrace::spawn([std::ffi::OsStr::new("--"), plain.path().as_os_str()]).wait();
+    output.assert_error(&["cannot run", "not executable"]);
+    // Executable, but nothing the kernel can run: exec fails, nothing is traced.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(plain.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
+    let output = Memtrace::spawn([std::ffi::OsStr::new("--"), plain.path().as_os_str()]).wait();
+    output.assert_error(&["cannot run", "Exec format error"]);
 }
 
 /// Options that each make sense alone but not together.
