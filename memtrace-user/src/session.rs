@@ -20,7 +20,7 @@ use crate::agg::{Aggregator, Config, SizeFilter};
 use crate::attach::{self, LibKind, Library};
 use crate::cli::{CountArgs, TargetArgs, TraceArgs};
 use crate::error::{Result, UserError};
-use crate::event::{self, Event};
+use crate::event::{self, Event, VmCall};
 use crate::guard::Guard;
 use crate::load::{KernelOptions, Tracer};
 use crate::output::{self, Inputs};
@@ -77,7 +77,8 @@ impl State {
 
     fn apply(&mut self, ev: &Event) {
         // Not about memory: the session acts on it (see `probing`).
-        if matches!(ev, Event::Loaded { .. }) {
+        if let Event::Loaded { pid, .. } = ev {
+            self.symbols.maps_changed(*pid);
             self.relook.push(ev.clone());
             return;
         }
@@ -111,6 +112,7 @@ impl State {
             }
         }
         match ev {
+            Event::Vm(v) if maps_code(&v.call) => self.symbols.maps_changed(v.pid),
             Event::Oom(o) => self.oom_victims.push(o.pid),
             Event::Exec { pid, comm, .. } => {
                 self.symbols.exec(*pid, comm.as_deref());
@@ -144,12 +146,16 @@ impl State {
     }
 
     /// Handles up to `max` records; returns whether the ring is empty. The
-    /// cap keeps a flood from starving timers and signals.
+    /// cap keeps a flood from starving timers and signals. A process stopped
+    /// at the loader's hook ends the batch early: it waits for [`Self::relook`].
     fn drain(&mut self, ring: &mut RingBuf<MapData>, max: usize) -> bool {
         for _ in 0..max {
             match ring.next() {
                 Some(item) => self.handle(&item),
                 None => return true,
+            }
+            if matches!(self.relook.last(), Some(Event::Loaded { .. })) {
+                return false;
             }
         }
         false
@@ -165,6 +171,15 @@ fn monotonic_ns() -> u64 {
     // SAFETY: `ts` is a valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Whether an address-space call may have mapped code (for symbols).
+fn maps_code(call: &VmCall) -> bool {
+    match call {
+        VmCall::Mmap { prot, .. } => *prot & libc::PROT_EXEC as u32 != 0,
+        VmCall::Mremap { .. } => true,
+        _ => false,
+    }
 }
 
 /// Libraries to probe for each target; `None` as pid means every process.

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use blazesym::MaybeDefault;
 use blazesym::symbolize::{self, source::Source};
@@ -127,7 +128,19 @@ struct Proc {
     modules: Vec<usize>,
     /// `/proc/PID` could not be read any more.
     gone: bool,
+    /// The process mapped code since `maps` was read (see
+    /// [`Symbols::maps_changed`]).
+    stale: bool,
+    /// When `maps` was read.
+    read_at: Instant,
 }
+
+/// How long a snapshot of a process's mappings stands when no `mmap` of
+/// code was seen: a stack with an address outside every mapping (a frame
+/// pointer walk through code without frame pointers reads garbage) must not
+/// read `/proc/PID/maps` again at every new stack, yet code mapped unseen
+/// (`mprotect`, a lost record) is found within this.
+const MAPS_FRESH: Duration = Duration::from_secs(1);
 
 /// Symbolization with blazesym over snapshots taken while processes live.
 pub struct Symbols {
@@ -181,6 +194,8 @@ impl Symbols {
                 maps: Vec::new(),
                 modules: Vec::new(),
                 gone: false,
+                stale: false,
+                read_at: Instant::now(),
             });
             self.refresh(pid);
         }
@@ -189,7 +204,8 @@ impl Symbols {
                 .iter()
                 .all(|&a| is_kernel(a) || maps::position(&p.maps, a).is_some())
         };
-        if !covered(&self.procs[&pid]) && !self.procs[&pid].gone {
+        let p = &self.procs[&pid];
+        if !covered(p) && !p.gone && (p.stale || p.read_at.elapsed() >= MAPS_FRESH) {
             self.refresh(pid);
         }
         for &addr in stack {
@@ -221,6 +237,15 @@ impl Symbols {
         self.observe(pid, &[]);
         if let (Some(p), Some(c)) = (self.procs.get_mut(&pid), comm) {
             p.comm = Some(c.to_string());
+        }
+    }
+
+    /// The process mapped something that may hold code (an executable
+    /// `mmap`, an `mremap`, its loader's hook): its mappings are read again
+    /// at its next stack outside them.
+    pub fn maps_changed(&mut self, pid: u32) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.stale = true;
         }
     }
 
@@ -267,6 +292,8 @@ impl Symbols {
         if let Some(p) = self.procs.get_mut(&pid) {
             p.maps = maps;
             p.modules = modules;
+            p.stale = false;
+            p.read_at = Instant::now();
         }
     }
 
@@ -546,6 +573,25 @@ broken line
         assert_eq!(find(0xffff_ffff_c020_0000), Some("xfs"));
         assert_eq!(find(0xffff_ffff_c0a0_0000 + 376_832), None);
         assert_eq!(find(0xffff_ffff_8100_0000), None);
+    }
+
+    #[test]
+    fn garbage_addresses_do_not_reread_maps_until_code_is_mapped() {
+        let pid = std::process::id();
+        let mut sym = Symbols::new();
+        sym.observe(pid, &[]);
+        let read_at = |s: &Symbols| s.procs[&pid].read_at;
+        let first = read_at(&sym);
+        // An address in no mapping, as a walk through code without frame
+        // pointers finds: the snapshot stands.
+        std::thread::sleep(Duration::from_millis(2));
+        sym.observe(pid, &[0x10]);
+        assert_eq!(read_at(&sym), first);
+        // Code mapped since: read again.
+        sym.maps_changed(pid);
+        sym.observe(pid, &[0x10]);
+        assert!(read_at(&sym) > first);
+        assert!(!sym.procs[&pid].stale);
     }
 
     #[test]
