@@ -32,6 +32,10 @@ pub enum LibKind {
     /// The dynamic loader (`ld-linux-x86-64.so.2`): not an allocator, but
     /// it says when a process has mapped new libraries ([`LOADER_HOOK`]).
     Loader,
+    /// Another `malloc`: a shared library that defines `malloc` and `free`
+    /// itself (jemalloc, tcmalloc, mimalloc, a sanitizer's or an
+    /// application's own), found by its symbols, not its name.
+    Malloc,
 }
 
 impl LibKind {
@@ -81,13 +85,15 @@ pub fn libraries_in(pid: u32, maps: &[Mapping]) -> Vec<Library> {
     let mut out: Vec<Library> = Vec::new();
     for m in maps {
         let name = m.path.rsplit('/').next().unwrap_or(&m.path);
-        let Some(kind) = LibKind::of_file_name(name) else {
-            continue;
-        };
         let id = (m.dev.clone(), m.inode);
         if out.iter().any(|l| l.id == id) {
             continue;
         }
+        let kind = match LibKind::of_file_name(name) {
+            Some(kind) => kind,
+            None if m.exec && name.contains(".so") && defines_malloc(pid, m) => LibKind::Malloc,
+            None => continue,
+        };
         // Another root's paths, or a deleted file's, are opened (by memtrace
         // and by the kernel, for the probe) through the mapping itself.
         let path = if root_differs || m.path.ends_with(" (deleted)") {
@@ -103,6 +109,38 @@ pub fn libraries_in(pid: u32, maps: &[Mapping]) -> Vec<Library> {
         });
     }
     out
+}
+
+/// Whether the shared object mapped by `m` defines `malloc` and `free` in its
+/// dynamic symbols: an allocator that replaces libc's for the whole process
+/// (symbol interposition), so libc's functions would see none of its calls.
+/// Remembered per file, as every loader stop asks again.
+fn defines_malloc(pid: u32, m: &Mapping) -> bool {
+    static SEEN: std::sync::Mutex<Option<HashMap<(String, u64), bool>>> =
+        std::sync::Mutex::new(None);
+    let key = (m.dev.clone(), m.inode);
+    if let Some(known) = SEEN
+        .lock()
+        .ok()
+        .and_then(|s| s.as_ref().and_then(|s| s.get(&key).copied()))
+    {
+        return known;
+    }
+    let found = crate::mapped::open(pid, m).is_ok_and(|file| {
+        // Reads the headers and the dynamic symbols only.
+        let cache = object::ReadCache::new(file);
+        object::File::parse(&cache).is_ok_and(|elf| {
+            let defined = |name: &str| {
+                elf.dynamic_symbols()
+                    .any(|s| s.is_definition() && s.name() == Ok(name))
+            };
+            defined("malloc") && defined("free")
+        })
+    });
+    if let Ok(mut s) = SEEN.lock() {
+        s.get_or_insert_with(HashMap::new).insert(key, found);
+    }
+    found
 }
 
 /// The allocator libraries of a running process.
@@ -376,6 +414,9 @@ pub fn sites_of(lib: &Library, user: Option<u32>) -> Result<(Vec<Site>, Vec<&'st
         LibKind::Libc => LIBC,
         LibKind::Libstdcxx => LIBSTDCXX,
         LibKind::Loader => &[LOADER_HOOK],
+        // The C interface only: `operator new`/`delete` of these libraries
+        // do not go through their `malloc`/`free` (not probed yet).
+        LibKind::Malloc => LIBC,
     };
     let (sites, missing) = find_sites(&data, wants).map_err(|e| {
         UserError::new(
@@ -448,6 +489,23 @@ mod tests {
         offsets.dedup();
         assert_eq!(offsets.len(), sites.len(), "one site per offset");
         assert!(missing.iter().all(|m| !["malloc", "free"].contains(m)));
+    }
+
+    #[test]
+    fn another_malloc_is_known_by_its_symbols() {
+        let pid = std::process::id();
+        let maps = maps::read(pid).unwrap();
+        let exec_of = |suffix: &str| {
+            maps.iter()
+                .find(|m| m.exec && m.path.ends_with(suffix))
+                .unwrap_or_else(|| panic!("no executable mapping of *{suffix}"))
+        };
+        // libc defines both; the loader and the test binary do not.
+        assert!(defines_malloc(pid, exec_of("/libc.so.6")));
+        assert!(!defines_malloc(pid, exec_of("ld-linux-x86-64.so.2")));
+        let exe = std::env::current_exe().unwrap();
+        let exe = exe.to_str().unwrap();
+        assert!(!defines_malloc(pid, exec_of(exe)));
     }
 
     #[test]

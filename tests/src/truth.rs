@@ -70,6 +70,15 @@ pub mod c {
     /// 1000 × { malloc(128), calloc(4, 64), realloc(a, 512), malloc(32) };
     /// everything freed (the last by realloc(d, 0)).
     pub const CHURN: Site = freed(1000 * 4, 1000 * (128 + 4 * 64 + 512 + 32));
+    /// `churn` under an allocator whose `realloc(p, 0)` frees `p` and
+    /// returns a new zero-byte block (mimalloc), where glibc's returns NULL:
+    /// 1000 more allocations, of 0 bytes, each left live.
+    pub const CHURN_REALLOC_ZERO_ALLOCATES: Site = Site {
+        live_bytes: 0,
+        live_count: 1000,
+        total_bytes: CHURN.total_bytes,
+        total_count: CHURN.total_count + 1000,
+    };
     /// The control: 50 × malloc(2048) + free.
     pub const NO_LEAK: Site = freed(50, 50 * 2048);
     /// malloc(SIZE_MAX) returns NULL: nothing to report.

@@ -3,6 +3,7 @@
 //! (`memtrace_tests::truth`). Every test that traces needs root and skips
 //! itself without it (see `memtrace_tests::require_root`).
 //!
+//! - `allocators`: jemalloc, tcmalloc and mimalloc, found by their symbols.
 //! - `pid`: attach to a running fixture with `-p` between its "ready" and
 //!   "go", so only the ground-truth work happens while traced.
 //! - `cmd`: `memtrace -- fixture`, traced from its first instruction.
@@ -17,6 +18,7 @@
 //! - `shutdown`: SIGTERM's final report; SIGKILL leaves no program or probe;
 //!   a SIGKILLed target is reported whole.
 
+mod allocators;
 mod cmd;
 mod errors;
 mod flood;

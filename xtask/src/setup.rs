@@ -31,9 +31,18 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 const DEBIAN_PACKAGES: &[&str] = &["gcc", "g++", "libc6-dev", "util-linux"];
 
 /// Debian packages only the tests need: `go tool pprof` reads memtrace's
-/// pprof output, headless Chromium renders its HTML report, and python3 runs
-/// the interpreter fixture (`tests/fixtures/py_fixture.py`).
-const TEST_PACKAGES: &[&str] = &["golang-go", "chromium", "python3"];
+/// pprof output, headless Chromium renders its HTML report, python3 runs
+/// the interpreter fixture (`tests/fixtures/py_fixture.py`), and jemalloc,
+/// tcmalloc and mimalloc are preloaded into the C fixture
+/// (`tests/tests/allocators.rs`).
+const TEST_PACKAGES: &[&str] = &[
+    "golang-go",
+    "chromium",
+    "python3",
+    "libjemalloc2",
+    "libtcmalloc-minimal4",
+    "libmimalloc2.0",
+];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
