@@ -122,11 +122,17 @@ pub enum AllocFn {
     /// C++ `operator new` / `operator new[]` and their nothrow and aligned
     /// variants (size is the first argument of every one).
     OperatorNew = 10,
+    /// A free that runs code of its own: C++ `operator delete` variants and
+    /// jemalloc's `dallocx`/`sdallocx` in an allocator library (pointer
+    /// first). Probed at entry and return, so a `free` they call is nested and
+    /// counts once; the free is recorded at the return. Never in an
+    /// allocation record.
+    Delete = 11,
 }
 
 impl AllocFn {
     /// Every allocator function, in wire order.
-    pub const ALL: [AllocFn; 10] = [
+    pub const ALL: [AllocFn; 11] = [
         Self::Malloc,
         Self::Calloc,
         Self::Realloc,
@@ -137,6 +143,7 @@ impl AllocFn {
         Self::Valloc,
         Self::Pvalloc,
         Self::OperatorNew,
+        Self::Delete,
     ];
 
     /// The function for a wire discriminant.
@@ -157,6 +164,7 @@ impl AllocFn {
             Self::Valloc => "valloc",
             Self::Pvalloc => "pvalloc",
             Self::OperatorNew => "operator new",
+            Self::Delete => "operator delete",
         }
     }
 

@@ -461,6 +461,13 @@ fn on_return(ctx: &RetProbeContext) -> u32 {
     if call.nested != 0 {
         return 0;
     }
+    if call.func == AllocFn::Delete as u16 {
+        // Recorded now, once: a free it called was nested in it.
+        if call.arg != 0 {
+            emit_free(pid_tgid, call.arg);
+        }
+        return 0;
+    }
 
     let (addr, old_addr) = match AllocFn::from_u16(call.func) {
         Some(AllocFn::PosixMemalign) => {
@@ -583,6 +590,13 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
             }
         }
     }
+    emit_free(pid_tgid, addr);
+    0
+}
+
+/// One free record; a full ring counts it lost for the process.
+#[inline(always)]
+fn emit_free(pid_tgid: u64, addr: u64) {
     let sent = submit::<FreeRecord>(|r| {
         r.header = header(RecordKind::Free, pid_tgid);
         r.addr = addr;
@@ -590,7 +604,6 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     if !sent {
         count_lost((pid_tgid >> 32) as u32, 0, 0);
     }
-    0
 }
 
 #[inline(always)]
@@ -658,6 +671,14 @@ pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn operator_new_enter(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, AllocFn::OperatorNew, arg(&ctx, 0), 0)
+}
+
+/// `operator delete` variants, `dallocx` and `sdallocx` of an allocator
+/// library: the pointer is the first argument. Null is pushed too, as the
+/// return probe fires anyway.
+#[uprobe]
+pub fn delete_enter(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx, AllocFn::Delete, 0, arg(&ctx, 0))
 }
 
 /// Benchmarks only (`cargo xtask bench`): programs that do nothing, put on

@@ -315,6 +315,64 @@ pub const LIBSTDCXX: &[Want] = &[
 /// any of its code runs.
 pub const LOADER_HOOK: Want = want("_dl_debug_state", None, true);
 
+/// What memtrace probes in another `malloc` ([`LibKind::Malloc`]): the C
+/// functions, and its C++ operators, which in jemalloc, tcmalloc and mimalloc
+/// are code of their own, not calls to their `malloc` (an operator that is
+/// `free`'s own address is probed once, as `free`). Deletes and jemalloc's
+/// `dallocx`/`sdallocx` are probed at entry and return, so a `free` they
+/// call counts once. Only `malloc` and `free` are required: they are what
+/// made the library one.
+pub const MALLOC_LIB: &[Want] = &[
+    want("malloc", Some(AllocFn::Malloc), true),
+    want("calloc", Some(AllocFn::Calloc), false),
+    want("realloc", Some(AllocFn::Realloc), false),
+    want("free", None, true),
+    want("reallocarray", Some(AllocFn::Reallocarray), false),
+    want("posix_memalign", Some(AllocFn::PosixMemalign), false),
+    want("aligned_alloc", Some(AllocFn::AlignedAlloc), false),
+    want("memalign", Some(AllocFn::Memalign), false),
+    want("valloc", Some(AllocFn::Valloc), false),
+    want("pvalloc", Some(AllocFn::Pvalloc), false),
+    want("_Znwm", Some(AllocFn::OperatorNew), false),
+    want("_Znam", Some(AllocFn::OperatorNew), false),
+    want("_ZnwmRKSt9nothrow_t", Some(AllocFn::OperatorNew), false),
+    want("_ZnamRKSt9nothrow_t", Some(AllocFn::OperatorNew), false),
+    want("_ZnwmSt11align_val_t", Some(AllocFn::OperatorNew), false),
+    want("_ZnamSt11align_val_t", Some(AllocFn::OperatorNew), false),
+    want(
+        "_ZnwmSt11align_val_tRKSt9nothrow_t",
+        Some(AllocFn::OperatorNew),
+        false,
+    ),
+    want(
+        "_ZnamSt11align_val_tRKSt9nothrow_t",
+        Some(AllocFn::OperatorNew),
+        false,
+    ),
+    want("_ZdlPv", Some(AllocFn::Delete), false),
+    want("_ZdaPv", Some(AllocFn::Delete), false),
+    want("_ZdlPvm", Some(AllocFn::Delete), false),
+    want("_ZdaPvm", Some(AllocFn::Delete), false),
+    want("_ZdlPvRKSt9nothrow_t", Some(AllocFn::Delete), false),
+    want("_ZdaPvRKSt9nothrow_t", Some(AllocFn::Delete), false),
+    want("_ZdlPvSt11align_val_t", Some(AllocFn::Delete), false),
+    want("_ZdaPvSt11align_val_t", Some(AllocFn::Delete), false),
+    want("_ZdlPvmSt11align_val_t", Some(AllocFn::Delete), false),
+    want("_ZdaPvmSt11align_val_t", Some(AllocFn::Delete), false),
+    want(
+        "_ZdlPvSt11align_val_tRKSt9nothrow_t",
+        Some(AllocFn::Delete),
+        false,
+    ),
+    want(
+        "_ZdaPvSt11align_val_tRKSt9nothrow_t",
+        Some(AllocFn::Delete),
+        false,
+    ),
+    want("dallocx", Some(AllocFn::Delete), false),
+    want("sdallocx", Some(AllocFn::Delete), false),
+];
+
 /// How reports name a probed symbol: C names as they are, `operator new`
 /// variants in C++ terms.
 pub fn display_name(symbol: &str) -> &str {
@@ -327,6 +385,18 @@ pub fn display_name(symbol: &str) -> &str {
         "_ZnamSt11align_val_t" => "new[](align)",
         "_ZnwmSt11align_val_tRKSt9nothrow_t" => "new(align,nothrow)",
         "_ZnamSt11align_val_tRKSt9nothrow_t" => "new[](align,nothrow)",
+        "_ZdlPv" => "delete",
+        "_ZdaPv" => "delete[]",
+        "_ZdlPvm" => "delete(sized)",
+        "_ZdaPvm" => "delete[](sized)",
+        "_ZdlPvRKSt9nothrow_t" => "delete(nothrow)",
+        "_ZdaPvRKSt9nothrow_t" => "delete[](nothrow)",
+        "_ZdlPvSt11align_val_t" => "delete(align)",
+        "_ZdaPvSt11align_val_t" => "delete[](align)",
+        "_ZdlPvmSt11align_val_t" => "delete(sized,align)",
+        "_ZdaPvmSt11align_val_t" => "delete[](sized,align)",
+        "_ZdlPvSt11align_val_tRKSt9nothrow_t" => "delete(align,nothrow)",
+        "_ZdaPvSt11align_val_tRKSt9nothrow_t" => "delete[](align,nothrow)",
         other => other,
     }
 }
@@ -414,9 +484,7 @@ pub fn sites_of(lib: &Library, user: Option<u32>) -> Result<(Vec<Site>, Vec<&'st
         LibKind::Libc => LIBC,
         LibKind::Libstdcxx => LIBSTDCXX,
         LibKind::Loader => &[LOADER_HOOK],
-        // The C interface only: `operator new`/`delete` of these libraries
-        // do not go through their `malloc`/`free` (not probed yet).
-        LibKind::Malloc => LIBC,
+        LibKind::Malloc => MALLOC_LIB,
     };
     let (sites, missing) = find_sites(&data, wants).map_err(|e| {
         UserError::new(

@@ -90,6 +90,7 @@ fn entry_program(func: AllocFn) -> &'static str {
         AllocFn::AlignedAlloc => "aligned_alloc_enter",
         AllocFn::Memalign => "memalign_enter",
         AllocFn::Valloc => "valloc_enter",
+        AllocFn::Delete => "delete_enter",
         AllocFn::Pvalloc => "pvalloc_enter",
         AllocFn::OperatorNew => "operator_new_enter",
     }
@@ -111,6 +112,7 @@ const UPROBES: &[&str] = &[
     "valloc_enter",
     "pvalloc_enter",
     "operator_new_enter",
+    "delete_enter",
     LOADER_READY,
 ];
 

@@ -3,11 +3,12 @@
 //! fixture with `LD_PRELOAD`. They replace glibc's `malloc` for the whole
 //! process, so glibc's probes would see almost nothing; memtrace finds them by
 //! the `malloc` and `free` they define (not by name), at the loader's stop
-//! before the fixture runs, and every call site is exact.
+//! before the fixture runs, and every call site is exact. The C++ fixture too:
+//! their `operator new` and `delete` are code of their own, probed as well.
 
 use std::path::Path;
 
-use memtrace_tests::truth::c;
+use memtrace_tests::truth::{c, cxx};
 use memtrace_tests::{Memtrace, assert_no_losses, assert_site, fixture, process_by_comm};
 use serde_json::Value;
 
@@ -16,14 +17,9 @@ use crate::{REPORT_ARGS, shared_machine};
 /// Where Debian puts the libraries.
 const LIB_DIR: &str = "/usr/lib/x86_64-linux-gnu";
 
-/// `memtrace -- env LD_PRELOAD=LIB alloc_fixture`, checked against the
-/// fixture's ground truth. `realloc_zero_frees`: the allocator's
-/// `realloc(p, 0)` frees and returns NULL, as glibc's does.
-fn preloaded(lib: &str, package: &str, realloc_zero_frees: bool) {
-    if !memtrace_tests::require_root() {
-        return;
-    }
-    let _machine = shared_machine();
+/// `memtrace -- env LD_PRELOAD=LIB FIXTURE`: the report, after checking that
+/// memtrace lost nothing and the fixture freed nothing unseen.
+fn preloaded(lib: &str, package: &str, fixture_name: &str) -> Value {
     let path = Path::new(LIB_DIR).join(lib);
     assert!(
         path.exists(),
@@ -31,7 +27,7 @@ fn preloaded(lib: &str, package: &str, realloc_zero_frees: bool) {
         path.display()
     );
     let preload = format!("LD_PRELOAD={}", path.display());
-    let program = fixture("alloc_fixture");
+    let program = fixture(fixture_name);
     let output = Memtrace::spawn_cmd(
         REPORT_ARGS,
         "env",
@@ -40,6 +36,19 @@ fn preloaded(lib: &str, package: &str, realloc_zero_frees: bool) {
     .wait();
     output.assert_status(0);
     let report = output.json();
+    assert_no_losses(&report, process_by_comm(&report, fixture_name));
+    assert_probed(&report, lib);
+    report
+}
+
+/// The C fixture under `lib`. `realloc_zero_frees`: the allocator's
+/// `realloc(p, 0)` frees and returns NULL, as glibc's does.
+fn c_fixture(lib: &str, package: &str, realloc_zero_frees: bool) {
+    if !memtrace_tests::require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let report = preloaded(lib, package, "alloc_fixture");
     let p = process_by_comm(&report, "alloc_fixture");
     for &(function, site) in c::SITES {
         let site = match function {
@@ -48,7 +57,24 @@ fn preloaded(lib: &str, package: &str, realloc_zero_frees: bool) {
         };
         assert_site(p, function, site);
     }
-    assert_no_losses(&report, p);
+}
+
+/// The C++ fixture under `lib`: `new`, `new[]`, nothrow `new` and (sized)
+/// `delete`, each site exact.
+fn cxx_fixture(lib: &str, package: &str) {
+    if !memtrace_tests::require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let report = preloaded(lib, package, "cxx_fixture");
+    let p = process_by_comm(&report, "cxx_fixture");
+    for &(function, site) in cxx::SITES {
+        assert_site(p, function, site);
+    }
+}
+
+/// `lib` was found by its symbols and probed, `malloc` to `free` at least.
+fn assert_probed(report: &Value, lib: &str) {
     // Found by its symbols, and probed for the fixture.
     let stem = lib.split(".so").next().unwrap();
     let probes = report["probes"].as_array().expect("probes");
@@ -63,24 +89,44 @@ fn preloaded(lib: &str, package: &str, realloc_zero_frees: bool) {
     assert_eq!(probed.len(), 1, "{lib} among the probes: {probes:#?}");
     let functions = probed[0]["functions"].to_string();
     assert!(
-        ["malloc", "calloc", "realloc", "free"]
+        ["malloc", "calloc", "realloc", "free", "new"]
             .iter()
             .all(|f| functions.contains(&format!("\"{f}"))),
         "{lib}: {functions}"
     );
+    assert!(functions.contains("delete"), "{lib}: {functions}");
+}
+
+const JEMALLOC: (&str, &str) = ("libjemalloc.so.2", "libjemalloc2");
+const TCMALLOC: (&str, &str) = ("libtcmalloc_minimal.so.4", "libtcmalloc-minimal4");
+const MIMALLOC: (&str, &str) = ("libmimalloc.so.2", "libmimalloc2.0");
+
+#[test]
+fn jemalloc_c() {
+    c_fixture(JEMALLOC.0, JEMALLOC.1, true);
 }
 
 #[test]
-fn jemalloc_is_found_and_traced_exactly() {
-    preloaded("libjemalloc.so.2", "libjemalloc2", true);
+fn jemalloc_cxx() {
+    cxx_fixture(JEMALLOC.0, JEMALLOC.1);
 }
 
 #[test]
-fn tcmalloc_is_found_and_traced_exactly() {
-    preloaded("libtcmalloc_minimal.so.4", "libtcmalloc-minimal4", true);
+fn tcmalloc_c() {
+    c_fixture(TCMALLOC.0, TCMALLOC.1, true);
 }
 
 #[test]
-fn mimalloc_is_found_and_traced_exactly() {
-    preloaded("libmimalloc.so.2", "libmimalloc2.0", false);
+fn tcmalloc_cxx() {
+    cxx_fixture(TCMALLOC.0, TCMALLOC.1);
+}
+
+#[test]
+fn mimalloc_c() {
+    c_fixture(MIMALLOC.0, MIMALLOC.1, false);
+}
+
+#[test]
+fn mimalloc_cxx() {
+    cxx_fixture(MIMALLOC.0, MIMALLOC.1);
 }
