@@ -99,23 +99,6 @@ fn entry_program(func: AllocFn) -> &'static str {
 /// The return program of every allocator function.
 const ALLOC_EXIT: &str = "alloc_exit";
 
-const UPROBES: &[&str] = &[
-    "free_enter",
-    ALLOC_EXIT,
-    "malloc_enter",
-    "calloc_enter",
-    "realloc_enter",
-    "reallocarray_enter",
-    "posix_memalign_enter",
-    "aligned_alloc_enter",
-    "memalign_enter",
-    "valloc_enter",
-    "pvalloc_enter",
-    "operator_new_enter",
-    "delete_enter",
-    LOADER_READY,
-];
-
 /// The program on the dynamic loader's [`LOADER_HOOK`](crate::attach::LOADER_HOOK).
 const LOADER_READY: &str = "loader_ready";
 
@@ -190,12 +173,6 @@ impl Tracer {
                     "memtrace needs root (or CAP_BPF and CAP_PERFMON) and a kernel with BPF ring buffers (5.8+)",
                 )
             })?;
-        for name in UPROBES {
-            let prog: &mut UProbe = program(&mut ebpf, name)?
-                .try_into()
-                .map_err(|e| internal(name, e))?;
-            prog.load().map_err(|e| load_error(name, &e))?;
-        }
         let exit: &mut RawTracePoint = program(&mut ebpf, "process_exit")?
             .try_into()
             .map_err(|e| internal("process_exit", e))?;
@@ -414,6 +391,11 @@ fn attach_uprobe(
     let prog: &mut UProbe = program(ebpf, name)?
         .try_into()
         .map_err(|e| internal(name, e))?;
+    // Loaded (and verified) at its first probe: a program for functions no
+    // probed library has costs no attach time.
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| load_error(name, &e))?;
+    }
     let id = prog.attach(site.probe, &lib.path, scope).map_err(|e| {
         // A pid-scoped probe fails once its process is gone: say that, not
         // that the kernel lacks uprobes.
