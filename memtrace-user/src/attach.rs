@@ -315,40 +315,9 @@ pub const LIBSTDCXX: &[Want] = &[
 /// any of its code runs.
 pub const LOADER_HOOK: Want = want("_dl_debug_state", None, true);
 
-/// What memtrace probes in another `malloc` ([`LibKind::Malloc`]): the C
-/// functions, and its C++ operators, which in jemalloc, tcmalloc and mimalloc
-/// are code of their own, not calls to their `malloc` (an operator that is
-/// `free`'s own address is probed once, as `free`). Deletes and jemalloc's
-/// `dallocx`/`sdallocx` are probed at entry and return, so a `free` they
-/// call counts once. Only `malloc` and `free` are required: they are what
-/// made the library one.
-pub const MALLOC_LIB: &[Want] = &[
-    want("malloc", Some(AllocFn::Malloc), true),
-    want("calloc", Some(AllocFn::Calloc), false),
-    want("realloc", Some(AllocFn::Realloc), false),
-    want("free", None, true),
-    want("reallocarray", Some(AllocFn::Reallocarray), false),
-    want("posix_memalign", Some(AllocFn::PosixMemalign), false),
-    want("aligned_alloc", Some(AllocFn::AlignedAlloc), false),
-    want("memalign", Some(AllocFn::Memalign), false),
-    want("valloc", Some(AllocFn::Valloc), false),
-    want("pvalloc", Some(AllocFn::Pvalloc), false),
-    want("_Znwm", Some(AllocFn::OperatorNew), false),
-    want("_Znam", Some(AllocFn::OperatorNew), false),
-    want("_ZnwmRKSt9nothrow_t", Some(AllocFn::OperatorNew), false),
-    want("_ZnamRKSt9nothrow_t", Some(AllocFn::OperatorNew), false),
-    want("_ZnwmSt11align_val_t", Some(AllocFn::OperatorNew), false),
-    want("_ZnamSt11align_val_t", Some(AllocFn::OperatorNew), false),
-    want(
-        "_ZnwmSt11align_val_tRKSt9nothrow_t",
-        Some(AllocFn::OperatorNew),
-        false,
-    ),
-    want(
-        "_ZnamSt11align_val_tRKSt9nothrow_t",
-        Some(AllocFn::OperatorNew),
-        false,
-    ),
+/// `operator delete` variants and jemalloc's `dallocx`/`sdallocx`, probed in
+/// another `malloc` ([`LibKind::Malloc`]) where they are code of their own.
+pub const DELETES: &[Want] = &[
     want("_ZdlPv", Some(AllocFn::Delete), false),
     want("_ZdaPv", Some(AllocFn::Delete), false),
     want("_ZdlPvm", Some(AllocFn::Delete), false),
@@ -372,6 +341,23 @@ pub const MALLOC_LIB: &[Want] = &[
     want("dallocx", Some(AllocFn::Delete), false),
     want("sdallocx", Some(AllocFn::Delete), false),
 ];
+
+/// What memtrace probes in another `malloc` ([`LibKind::Malloc`]): the C
+/// functions, and its C++ operators, which in jemalloc, tcmalloc and mimalloc
+/// are code of their own, not calls to their `malloc` (an operator that is
+/// `free`'s own address is probed once, as `free`). Deletes are probed at
+/// entry and return, so a `free` they call counts once. Only `malloc` and
+/// `free` are required: they are what made the library one.
+pub fn malloc_lib_wants() -> Vec<Want> {
+    LIBC.iter()
+        .chain(LIBSTDCXX)
+        .chain(DELETES)
+        .map(|w| Want {
+            required: matches!(w.symbol, "malloc" | "free"),
+            ..*w
+        })
+        .collect()
+}
 
 /// How reports name a probed symbol: C names as they are, `operator new`
 /// variants in C++ terms.
@@ -480,13 +466,13 @@ pub fn sites_of(lib: &Library, user: Option<u32>) -> Result<(Vec<Site>, Vec<&'st
             "memtrace reads the allocator library to find its functions; check the file exists and is readable",
         )
     })?;
-    let wants = match lib.kind {
-        LibKind::Libc => LIBC,
-        LibKind::Libstdcxx => LIBSTDCXX,
-        LibKind::Loader => &[LOADER_HOOK],
-        LibKind::Malloc => MALLOC_LIB,
+    let wants: Vec<Want> = match lib.kind {
+        LibKind::Libc => LIBC.to_vec(),
+        LibKind::Libstdcxx => LIBSTDCXX.to_vec(),
+        LibKind::Loader => vec![LOADER_HOOK],
+        LibKind::Malloc => malloc_lib_wants(),
     };
-    let (sites, missing) = find_sites(&data, wants).map_err(|e| {
+    let (sites, missing) = find_sites(&data, &wants).map_err(|e| {
         UserError::new(
             format!("{} is not an ELF file memtrace can read: {e}", lib.display),
             "is the library corrupt, or for another architecture?",
@@ -557,6 +543,29 @@ mod tests {
         offsets.dedup();
         assert_eq!(offsets.len(), sites.len(), "one site per offset");
         assert!(missing.iter().all(|m| !["malloc", "free"].contains(m)));
+    }
+
+    #[test]
+    fn another_malloc_needs_only_malloc_and_free() {
+        let wants = malloc_lib_wants();
+        let required: Vec<&str> = wants
+            .iter()
+            .filter(|w| w.required)
+            .map(|w| w.symbol)
+            .collect();
+        assert_eq!(required, ["malloc", "free"]);
+        assert!(wants.iter().any(|w| w.symbol == "_Znwm"));
+        assert!(
+            wants
+                .iter()
+                .filter(|w| w.func == Some(AllocFn::Delete))
+                .count()
+                == DELETES.len()
+        );
+        let mut names: Vec<&str> = wants.iter().map(|w| w.symbol).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), wants.len(), "each symbol once");
     }
 
     #[test]
