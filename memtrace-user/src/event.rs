@@ -643,17 +643,22 @@ mod tests {
         assert_eq!(decode(&encode_alloc(&a)), Ok(Event::Alloc(a)));
     }
 
+    /// A record header at time 100.
+    fn header(kind: RecordKind, tgid: u32, tid: u32) -> Header {
+        Header {
+            version: EVENT_ABI,
+            kind: kind as u16,
+            tgid,
+            tid,
+            _reserved: 0,
+            ts_ns: 100,
+        }
+    }
+
     #[test]
     fn a_fork_names_the_child_and_its_parent() {
         let mut r = ForkRecord {
-            header: Header {
-                version: EVENT_ABI,
-                kind: RecordKind::Fork as u16,
-                tgid: 7,
-                tid: 9,
-                _reserved: 0,
-                ts_ns: 100,
-            },
+            header: header(RecordKind::Fork, 7, 9),
             child: 12,
             _pad: 0,
             comm: [0; 16],
@@ -673,14 +678,7 @@ mod tests {
     #[test]
     fn an_exec_carries_the_new_programs_name() {
         let mut r = ExecRecord {
-            header: Header {
-                version: EVENT_ABI,
-                kind: RecordKind::Exec as u16,
-                tgid: 7,
-                tid: 7,
-                _reserved: 0,
-                ts_ns: 100,
-            },
+            header: header(RecordKind::Exec, 7, 7),
             comm: [0; 16],
         };
         r.comm[..12].copy_from_slice(b"rust_fixture");

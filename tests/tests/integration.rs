@@ -32,7 +32,7 @@ mod system_wide;
 
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use memtrace_tests::{Site, assert_site};
+use memtrace_tests::{Fixture, Memtrace, Site, assert_site, fixture};
 use serde_json::Value;
 
 /// Serializes the system-wide test against the others of this binary: it
@@ -54,6 +54,28 @@ fn exclusive_machine() -> RwLockWriteGuard<'static, ()> {
 /// Options of every tracing run: JSON for the queries, and every stack
 /// (`--top 0`) so that no site is cut from the report.
 const REPORT_ARGS: [&str; 4] = ["--format", "json", "--top", "0"];
+
+/// Attaches `memtrace -p` (JSON, every stack) to a fixture waiting at
+/// "ready", lets it do its work, and returns memtrace still tracing.
+fn trace_work(target: &mut Fixture) -> Memtrace {
+    let pid = target.pid().to_string();
+    let mut memtrace = Memtrace::spawn(["-p", pid.as_str()].iter().chain(&REPORT_ARGS));
+    memtrace.wait_tracing();
+    target.go();
+    target.wait_done();
+    memtrace
+}
+
+/// `alloc_fixture --wait extra...` traced by [`trace_work`]: both still
+/// running, the work done.
+fn alloc_fixture_traced(extra: &[&str]) -> (Fixture, Memtrace) {
+    let mut args = vec!["--wait"];
+    args.extend_from_slice(extra);
+    let mut target = Fixture::spawn(fixture("alloc_fixture"), &args);
+    target.wait_ready();
+    let memtrace = trace_work(&mut target);
+    (target, memtrace)
+}
 
 /// Checks every site of a fixture, each done by `workers` threads.
 fn assert_sites(process: &Value, sites: &[(&str, Site)], workers: u64) {

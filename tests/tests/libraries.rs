@@ -12,7 +12,7 @@ use memtrace_tests::{
 };
 use serde_json::Value;
 
-use crate::{REPORT_ARGS, assert_sites, shared_machine};
+use crate::{REPORT_ARGS, assert_sites, shared_machine, trace_work};
 
 /// Runs `program args`, failing the test with its output if it fails.
 fn run(program: &str, args: &[&str]) {
@@ -58,14 +58,9 @@ fn root_for(program: &Path) -> (TempPath, String) {
     (root, format!("/{name}"))
 }
 
-/// Attaches `memtrace -p` to a fixture waiting at "ready", lets it work,
-/// and returns the JSON report.
+/// [`trace_work`], then Ctrl-C: the JSON report.
 fn traced_work(target: &mut Fixture) -> Value {
-    let pid = target.pid().to_string();
-    let mut memtrace = Memtrace::spawn(["-p", pid.as_str()].iter().chain(&REPORT_ARGS));
-    memtrace.wait_tracing();
-    target.go();
-    target.wait_done();
+    let mut memtrace = trace_work(target);
     memtrace.interrupt();
     let output = memtrace.wait();
     output.assert_status(0);

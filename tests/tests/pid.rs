@@ -4,26 +4,11 @@
 
 use memtrace_tests::truth::{self, c};
 use memtrace_tests::{
-    Fixture, Memtrace, assert_caller_frame, assert_no_losses, assert_site, assert_totals, fixture,
-    fixture_source_line, process, require_root,
+    assert_caller_frame, assert_no_losses, assert_site, assert_totals, fixture_source_line,
+    process, require_root,
 };
 
-use crate::{REPORT_ARGS, assert_exited, assert_sites, shared_machine};
-
-/// Starts `alloc_fixture --wait extra...`, attaches memtrace to it, and lets
-/// the fixture do its work. Returns both still running.
-fn traced_work(extra: &[&str]) -> (Fixture, Memtrace) {
-    let mut args = vec!["--wait"];
-    args.extend_from_slice(extra);
-    let mut fixture = Fixture::spawn(fixture("alloc_fixture"), &args);
-    fixture.wait_ready();
-    let pid = fixture.pid().to_string();
-    let mut memtrace = Memtrace::spawn(["-p", pid.as_str()].iter().chain(&REPORT_ARGS));
-    memtrace.wait_tracing();
-    fixture.go();
-    fixture.wait_done();
-    (fixture, memtrace)
-}
+use crate::{alloc_fixture_traced, assert_exited, assert_sites, shared_machine};
 
 #[test]
 fn pid_c_fixture() {
@@ -31,7 +16,7 @@ fn pid_c_fixture() {
         return;
     }
     let _machine = shared_machine();
-    let (mut fixture, mut memtrace) = traced_work(&[]);
+    let (mut fixture, mut memtrace) = alloc_fixture_traced(&[]);
     memtrace.interrupt();
     let output = memtrace.wait();
     output.assert_status(0);
@@ -58,7 +43,7 @@ fn pid_target_exits() {
         return;
     }
     let _machine = shared_machine();
-    let (mut fixture, mut memtrace) = traced_work(&[]);
+    let (mut fixture, mut memtrace) = alloc_fixture_traced(&[]);
     fixture.finish_ok();
 
     let output = memtrace.wait();
@@ -84,7 +69,7 @@ fn pid_threads() {
     let _machine = shared_machine();
     const THREADS: u64 = 8;
     let threads = THREADS.to_string();
-    let (mut fixture, mut memtrace) = traced_work(&["--threads", &threads]);
+    let (mut fixture, mut memtrace) = alloc_fixture_traced(&["--threads", &threads]);
     memtrace.interrupt();
     let output = memtrace.wait();
     output.assert_status(0);

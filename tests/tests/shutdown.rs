@@ -12,7 +12,7 @@ use memtrace_tests::{
     require_root,
 };
 
-use crate::{REPORT_ARGS, exclusive_machine, shared_machine};
+use crate::{alloc_fixture_traced, exclusive_machine, shared_machine};
 
 /// Ids of the BPF programs loaded on the host that carry one of memtrace's
 /// allocator program names.
@@ -118,27 +118,13 @@ fn sigkill_while_a_target_waits_at_the_loader_leaves_it_running() {
     target.finish_ok();
 }
 
-/// The C fixture traced by `memtrace -p` (JSON report), its work done.
-fn traced_work() -> (Fixture, Memtrace) {
-    let mut target = Fixture::spawn(fixture("alloc_fixture"), ["--wait"]);
-    target.wait_ready();
-    let pid = target.pid().to_string();
-    let mut args: Vec<&str> = vec!["-p", pid.as_str()];
-    args.extend(REPORT_ARGS);
-    let mut memtrace = Memtrace::spawn(args);
-    memtrace.wait_tracing();
-    target.go();
-    target.wait_done();
-    (target, memtrace)
-}
-
 #[test]
 fn sigterm_gives_the_final_report() {
     if !require_root() {
         return;
     }
     let _machine = shared_machine();
-    let (mut target, mut memtrace) = traced_work();
+    let (mut target, mut memtrace) = alloc_fixture_traced(&[]);
     memtrace.signal(libc::SIGTERM);
     let output = memtrace.wait();
     output.assert_status(0);
@@ -240,7 +226,7 @@ fn sigkilled_target_is_reported_whole() {
         return;
     }
     let _machine = shared_machine();
-    let (mut target, mut memtrace) = traced_work();
+    let (mut target, mut memtrace) = alloc_fixture_traced(&[]);
     let raw = libc::pid_t::try_from(target.pid()).expect("pid fits pid_t");
     // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
     assert_eq!(
