@@ -18,7 +18,14 @@ struct Fixture {
     output: &'static str,
     cxx: bool,
     flags: &'static [&'static str],
+    /// A compiler other than `$CC`/`$CXX`: musl's wrapper. Without it
+    /// installed the fixture is not built, and its tests say what to
+    /// install (`cargo xtask setup` does).
+    compiler: Option<&'static str>,
 }
+
+/// The C fixture's flags: ground truth needs `-O0` and frame pointers.
+const C_FLAGS: &[&str] = &["-O0", "-g", "-fno-omit-frame-pointer"];
 
 const FIXTURES: &[Fixture] = &[
     Fixture {
@@ -26,45 +33,91 @@ const FIXTURES: &[Fixture] = &[
         output: "alloc_fixture",
         cxx: false,
         flags: &["-O0", "-g", "-fno-omit-frame-pointer", "-pthread"],
+        compiler: None,
     },
     Fixture {
         source: "cxx_fixture.cpp",
         output: "cxx_fixture",
         cxx: true,
-        flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
+        flags: C_FLAGS,
+        compiler: None,
     },
     Fixture {
         source: "mem_fixture.c",
         output: "mem_fixture",
         cxx: false,
-        flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
+        flags: C_FLAGS,
+        compiler: None,
     },
     Fixture {
         source: "phases_fixture.c",
         output: "phases_fixture",
         cxx: false,
-        flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
+        flags: C_FLAGS,
+        compiler: None,
     },
     Fixture {
         source: "fork_fixture.c",
         output: "fork_fixture",
         cxx: false,
-        flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
+        flags: C_FLAGS,
+        compiler: None,
     },
     Fixture {
         source: "threads_fixture.c",
         output: "threads_fixture",
         cxx: false,
-        flags: &["-O0", "-g", "-fno-omit-frame-pointer"],
+        flags: C_FLAGS,
+        compiler: None,
     },
-    // No libc.so in this one: the "target without libc" error case.
+    // The allocator in the executable: glibc's, then musl's linked in,
+    // and musl's libc.so instead of glibc's.
+    Fixture {
+        source: "alloc_fixture.c",
+        output: "alloc_fixture_static",
+        cxx: false,
+        flags: &[
+            "-O0",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-pthread",
+            "-static",
+        ],
+        compiler: None,
+    },
+    Fixture {
+        source: "alloc_fixture.c",
+        output: "alloc_fixture_musl",
+        cxx: false,
+        flags: &["-O0", "-g", "-fno-omit-frame-pointer", "-pthread"],
+        compiler: Some(MUSL_GCC),
+    },
+    Fixture {
+        source: "alloc_fixture.c",
+        output: "alloc_fixture_musl_static",
+        cxx: false,
+        flags: &[
+            "-O0",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-pthread",
+            "-static",
+        ],
+        compiler: Some(MUSL_GCC),
+    },
+    // Static and stripped: no symbol says where its malloc is, the
+    // "nothing to probe" error case.
     Fixture {
         source: "static_fixture.c",
         output: "static_fixture",
         cxx: false,
-        flags: &["-O0", "-g", "-static"],
+        flags: &["-O0", "-static", "-s"],
+        compiler: None,
     },
 ];
+
+/// musl's compiler wrapper (Debian's musl-tools).
+const MUSL_GCC: &str = "musl-gcc";
 
 fn main() {
     let manifest_dir =
@@ -83,6 +136,15 @@ fn main() {
         let source = fixture_dir.join(fixture.source);
         println!("cargo::rerun-if-changed={}", source.display());
         let output = out_dir.join(fixture.output);
+        if let Some(compiler) = fixture.compiler
+            && Command::new(compiler).arg("--version").output().is_err()
+        {
+            println!(
+                "cargo::warning={} not built: {compiler} is missing (install musl-tools)",
+                fixture.output
+            );
+            continue;
+        }
         compile(fixture, &fixture_dir, &source, &output);
     }
 }
@@ -93,7 +155,10 @@ fn compile(fixture: &Fixture, include_dir: &Path, source: &Path, output: &Path) 
     } else {
         ("CC", "cc")
     };
-    let compiler = env::var(var).unwrap_or_else(|_| default.to_owned());
+    let compiler = match fixture.compiler {
+        Some(c) => c.to_owned(),
+        None => env::var(var).unwrap_or_else(|_| default.to_owned()),
+    };
     let mut command = Command::new(&compiler);
     command
         .args(fixture.flags)

@@ -128,11 +128,14 @@ pub enum AllocFn {
     /// counts once; the free is recorded at the return. Never in an
     /// allocation record.
     Delete = 11,
+    /// Rust's `__rust_realloc(ptr, old_size, align, new_size)`: a realloc
+    /// whose new size is the fourth argument.
+    RustRealloc = 12,
 }
 
 impl AllocFn {
     /// Every allocator function, in wire order.
-    pub const ALL: [AllocFn; 11] = [
+    pub const ALL: [AllocFn; 12] = [
         Self::Malloc,
         Self::Calloc,
         Self::Realloc,
@@ -144,6 +147,7 @@ impl AllocFn {
         Self::Pvalloc,
         Self::OperatorNew,
         Self::Delete,
+        Self::RustRealloc,
     ];
 
     /// The function for a wire discriminant.
@@ -165,12 +169,13 @@ impl AllocFn {
             Self::Pvalloc => "pvalloc",
             Self::OperatorNew => "operator new",
             Self::Delete => "operator delete",
+            Self::RustRealloc => "__rust_realloc",
         }
     }
 
     /// Whether the call frees its pointer argument (the realloc family).
     pub fn is_realloc(self) -> bool {
-        matches!(self, Self::Realloc | Self::Reallocarray)
+        matches!(self, Self::Realloc | Self::Reallocarray | Self::RustRealloc)
     }
 }
 

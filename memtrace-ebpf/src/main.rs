@@ -396,7 +396,7 @@ fn on_entry(ctx: &ProbeContext, func: AllocFn, size: u64, arg: u64) -> u32 {
         arg,
         // Only a realloc's start time is ever read (user space tells a
         // block handed out again mid-realloc by it); a clock read costs.
-        ts_ns: if matches!(func, AllocFn::Realloc | AllocFn::Reallocarray) {
+        ts_ns: if func.is_realloc() {
             // SAFETY: helper without preconditions.
             unsafe { bpf_ktime_get_ns() }
         } else {
@@ -485,7 +485,7 @@ fn on_return(ctx: &RetProbeContext) -> u32 {
                 }
             }
         }
-        Some(AllocFn::Realloc | AllocFn::Reallocarray) => (ret, call.arg),
+        Some(AllocFn::Realloc | AllocFn::Reallocarray | AllocFn::RustRealloc) => (ret, call.arg),
         _ => (ret, 0),
     };
     // NULL is a failed allocation, except realloc(p, 0), which freed p.
@@ -673,12 +673,18 @@ pub fn operator_new_enter(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, AllocFn::OperatorNew, arg(&ctx, 0), 0)
 }
 
-/// `operator delete` variants, `dallocx` and `sdallocx` of an allocator
-/// library: the pointer is the first argument. Null is pushed too, as the
+/// `operator delete` variants, jemalloc's `dallocx` and `sdallocx`, Rust's
+/// `__rust_dealloc`: the pointer is the first argument. Null is pushed too, as the
 /// return probe fires anyway.
 #[uprobe]
 pub fn delete_enter(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, AllocFn::Delete, 0, arg(&ctx, 0))
+}
+
+/// Rust's `__rust_realloc(ptr, old_size, align, new_size)`.
+#[uprobe]
+pub fn rust_realloc_enter(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx, AllocFn::RustRealloc, arg(&ctx, 3), arg(&ctx, 0))
 }
 
 /// Benchmarks only (`cargo xtask bench`): programs that do nothing, put on

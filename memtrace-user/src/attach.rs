@@ -1,5 +1,6 @@
-//! Where to probe: the allocator libraries each target maps, and the file
-//! offsets of their allocator functions.
+//! Where to probe: the objects each target maps that hold an allocator
+//! (glibc, libstdc++, any library or executable whose symbols show one: see
+//! `allocators`), and the file offsets of their allocator functions.
 //!
 //! Libraries are found in the targets' own `/proc/PID/maps` and opened
 //! through `/proc/PID/map_files` when the target lives in another mount
@@ -15,9 +16,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use memtrace_common::AllocFn;
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 
+pub use crate::allocators::{LIBC, LIBSTDCXX, LOADER_HOOK, Want, display_name};
 use crate::error::{Result, UserError};
 use crate::maps::{self, Mapping};
 use crate::probe_point;
@@ -32,9 +33,10 @@ pub enum LibKind {
     /// The dynamic loader (`ld-linux-x86-64.so.2`): not an allocator, but
     /// it says when a process has mapped new libraries ([`LOADER_HOOK`]).
     Loader,
-    /// Another `malloc`: a shared library that defines `malloc` and `free`
-    /// itself (jemalloc, tcmalloc, mimalloc, a sanitizer's or an
-    /// application's own), found by its symbols, not its name.
+    /// Another allocator: a shared library or an executable whose symbols
+    /// define one (jemalloc, tcmalloc, mimalloc, a static glibc or musl, a
+    /// Rust `#[global_allocator]`, a sanitizer's or an application's own
+    /// `malloc`), found by its symbols, not its name (see `allocators`).
     Malloc,
 }
 
@@ -91,7 +93,7 @@ pub fn libraries_in(pid: u32, maps: &[Mapping]) -> Vec<Library> {
         }
         let kind = match LibKind::of_file_name(name) {
             Some(kind) => kind,
-            None if m.exec && name.contains(".so") && defines_malloc(pid, m) => LibKind::Malloc,
+            None if m.exec && holds_allocator(pid, m) => LibKind::Malloc,
             None => continue,
         };
         // Another root's paths, or a deleted file's, are opened (by memtrace
@@ -111,14 +113,24 @@ pub fn libraries_in(pid: u32, maps: &[Mapping]) -> Vec<Library> {
     out
 }
 
-/// Whether the shared object mapped by `m` defines `malloc` and `free` in its
-/// dynamic symbols: an allocator that replaces libc's for the whole process
-/// (symbol interposition), so libc's functions would see none of its calls.
-/// Remembered per file, as every loader stop asks again.
-fn defines_malloc(pid: u32, m: &Mapping) -> bool {
+/// Whether the object mapped by `m` holds an allocator, by its dynamic and
+/// static symbols ([`allocators::found_in`](crate::allocators::found_in)):
+/// a library that replaces libc's `malloc` for the whole process (symbol
+/// interposition, so libc's functions would see none of its calls), or an
+/// executable with an allocator linked in. Remembered per file, as every
+/// loader stop asks again.
+fn holds_allocator(pid: u32, m: &Mapping) -> bool {
+    holds_allocator_at((m.dev.clone(), m.inode), || crate::mapped::open(pid, m))
+}
+
+/// [`holds_allocator`] of the file `open` opens, known by `key` (device and
+/// inode).
+fn holds_allocator_at(
+    key: (String, u64),
+    open: impl FnOnce() -> std::io::Result<std::fs::File>,
+) -> bool {
     static SEEN: std::sync::Mutex<Option<HashMap<(String, u64), bool>>> =
         std::sync::Mutex::new(None);
-    let key = (m.dev.clone(), m.inode);
     if let Some(known) = SEEN
         .lock()
         .ok()
@@ -126,21 +138,33 @@ fn defines_malloc(pid: u32, m: &Mapping) -> bool {
     {
         return known;
     }
-    let found = crate::mapped::open(pid, m).is_ok_and(|file| {
-        // Reads the headers and the dynamic symbols only.
+    let found = open().is_ok_and(|file| {
+        // Reads the headers and the symbol tables only.
         let cache = object::ReadCache::new(file);
-        object::File::parse(&cache).is_ok_and(|elf| {
-            let defined = |name: &str| {
-                elf.dynamic_symbols()
-                    .any(|s| s.is_definition() && s.name() == Ok(name))
-            };
-            defined("malloc") && defined("free")
-        })
+        object::File::parse(&cache)
+            .is_ok_and(|elf| !crate::allocators::found_in(&symbol_map(&elf)).1.is_empty())
     });
     if let Ok(mut s) = SEEN.lock() {
         s.get_or_insert_with(HashMap::new).insert(key, found);
     }
     found
+}
+
+/// Every defined symbol of an object, dynamic ones first, by name: its
+/// address and size.
+fn symbol_map<'d, R: object::ReadRef<'d>>(
+    file: &object::File<'d, R>,
+) -> HashMap<&'d str, (u64, u64)> {
+    let mut out = HashMap::new();
+    for sym in file.dynamic_symbols().chain(file.symbols()) {
+        if sym.is_definition()
+            && sym.address() != 0
+            && let Ok(name) = sym.name()
+        {
+            out.entry(name).or_insert((sym.address(), sym.size()));
+        }
+    }
+    out
 }
 
 /// The allocator libraries of a running process.
@@ -192,6 +216,55 @@ fn program_path(program: &str) -> Option<PathBuf> {
         std::env::split_paths(&paths)
             .map(|d| d.join(program))
             .find(|p| p.is_file())
+    })
+}
+
+/// What a program started by memtrace will map that holds an allocator,
+/// beside the host's libc: the executable itself (a static binary, a Rust
+/// `#[global_allocator]`, a program with a `malloc` of its own) and its
+/// interpreter when it is not glibc's (musl's `ld-musl-*.so.1` is its
+/// libc). Found before it runs, so their probes are in place at its first
+/// instruction.
+pub fn program_libraries(program: &str) -> Vec<Library> {
+    let Some(path) = program_path(program) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Library> = library_at(&path).into_iter().collect();
+    let interp = std::fs::read(&path).ok().and_then(|data| {
+        let file = object::File::parse(&*data).ok()?;
+        let bytes = file.section_by_name(".interp")?.data().ok()?;
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        Some(PathBuf::from(std::str::from_utf8(&bytes[..end]).ok()?))
+    });
+    if let Some(lib) = interp.as_deref().and_then(library_at)
+        && lib.kind != LibKind::Loader
+        && !out.iter().any(|l| l.id == lib.id)
+    {
+        out.push(lib);
+    }
+    out
+}
+
+/// The file at `path` (links followed, as the kernel maps it) as a library,
+/// if it is one memtrace probes.
+fn library_at(path: &Path) -> Option<Library> {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::fs::canonicalize(path).ok()?;
+    let meta = std::fs::metadata(&real).ok()?;
+    // As `maps` names it, so the file is known when the process's own
+    // mappings are read.
+    let id = (maps::dev_name(meta.dev()), meta.ino());
+    let name = real.file_name()?.to_str()?;
+    let kind = match LibKind::of_file_name(name) {
+        Some(kind) => kind,
+        None if holds_allocator_at(id.clone(), || std::fs::File::open(&real)) => LibKind::Malloc,
+        None => return None,
+    };
+    Some(Library {
+        kind,
+        display: real.display().to_string(),
+        path: real,
+        id,
     })
 }
 
@@ -250,143 +323,6 @@ pub fn command_kind(program: &str) -> ProgramKind {
     program_path(program).map_or(ProgramKind::Unknown, |p| program_kind(&p))
 }
 
-/// One allocator function to probe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Want {
-    /// Symbol name.
-    pub symbol: &'static str,
-    /// What it is. `None` for `free`.
-    pub func: Option<AllocFn>,
-    /// Whether tracing is pointless without it.
-    pub required: bool,
-}
-
-const fn want(symbol: &'static str, func: Option<AllocFn>, required: bool) -> Want {
-    Want {
-        symbol,
-        func,
-        required,
-    }
-}
-
-/// What memtrace probes in a C library. `reallocarray` (glibc 2.26),
-/// `aligned_alloc` (C11) and the obsolete `valloc`, `pvalloc`, `memalign`
-/// are missing from some C libraries, so they are optional.
-pub const LIBC: &[Want] = &[
-    want("malloc", Some(AllocFn::Malloc), true),
-    want("calloc", Some(AllocFn::Calloc), true),
-    want("realloc", Some(AllocFn::Realloc), true),
-    want("free", None, true),
-    want("reallocarray", Some(AllocFn::Reallocarray), false),
-    want("posix_memalign", Some(AllocFn::PosixMemalign), false),
-    want("aligned_alloc", Some(AllocFn::AlignedAlloc), false),
-    want("memalign", Some(AllocFn::Memalign), false),
-    want("valloc", Some(AllocFn::Valloc), false),
-    want("pvalloc", Some(AllocFn::Pvalloc), false),
-];
-
-/// `operator new` and `new[]`, plain, nothrow, aligned and aligned nothrow.
-/// Probed because libstdc++ has no frame pointers: from inside its `new`, a
-/// frame-pointer walk skips the function that called `new`. `malloc` calls
-/// nested in them emit nothing, so nothing counts twice.
-pub const LIBSTDCXX: &[Want] = &[
-    want("_Znwm", Some(AllocFn::OperatorNew), false),
-    want("_Znam", Some(AllocFn::OperatorNew), false),
-    want("_ZnwmRKSt9nothrow_t", Some(AllocFn::OperatorNew), false),
-    want("_ZnamRKSt9nothrow_t", Some(AllocFn::OperatorNew), false),
-    want("_ZnwmSt11align_val_t", Some(AllocFn::OperatorNew), false),
-    want("_ZnamSt11align_val_t", Some(AllocFn::OperatorNew), false),
-    want(
-        "_ZnwmSt11align_val_tRKSt9nothrow_t",
-        Some(AllocFn::OperatorNew),
-        false,
-    ),
-    want(
-        "_ZnamSt11align_val_tRKSt9nothrow_t",
-        Some(AllocFn::OperatorNew),
-        false,
-    ),
-];
-
-/// glibc's dynamic loader calls this empty function (the `r_brk` of
-/// `r_debug`, the debuggers' hook) before and after it maps libraries: at
-/// start-up and at each `dlopen`. Not an allocator function (`func` is
-/// unused), but probed so memtrace can probe a new allocator library before
-/// any of its code runs.
-pub const LOADER_HOOK: Want = want("_dl_debug_state", None, true);
-
-/// `operator delete` variants and jemalloc's `dallocx`/`sdallocx`, probed in
-/// another `malloc` ([`LibKind::Malloc`]) where they are code of their own.
-pub const DELETES: &[Want] = &[
-    want("_ZdlPv", Some(AllocFn::Delete), false),
-    want("_ZdaPv", Some(AllocFn::Delete), false),
-    want("_ZdlPvm", Some(AllocFn::Delete), false),
-    want("_ZdaPvm", Some(AllocFn::Delete), false),
-    want("_ZdlPvRKSt9nothrow_t", Some(AllocFn::Delete), false),
-    want("_ZdaPvRKSt9nothrow_t", Some(AllocFn::Delete), false),
-    want("_ZdlPvSt11align_val_t", Some(AllocFn::Delete), false),
-    want("_ZdaPvSt11align_val_t", Some(AllocFn::Delete), false),
-    want("_ZdlPvmSt11align_val_t", Some(AllocFn::Delete), false),
-    want("_ZdaPvmSt11align_val_t", Some(AllocFn::Delete), false),
-    want(
-        "_ZdlPvSt11align_val_tRKSt9nothrow_t",
-        Some(AllocFn::Delete),
-        false,
-    ),
-    want(
-        "_ZdaPvSt11align_val_tRKSt9nothrow_t",
-        Some(AllocFn::Delete),
-        false,
-    ),
-    want("dallocx", Some(AllocFn::Delete), false),
-    want("sdallocx", Some(AllocFn::Delete), false),
-];
-
-/// What memtrace probes in another `malloc` ([`LibKind::Malloc`]): the C
-/// functions, and its C++ operators, which in jemalloc, tcmalloc and mimalloc
-/// are code of their own, not calls to their `malloc` (an operator that is
-/// `free`'s own address is probed once, as `free`). Deletes are probed at
-/// entry and return, so a `free` they call counts once. Only `malloc` and
-/// `free` are required: they are what made the library one.
-pub fn malloc_lib_wants() -> Vec<Want> {
-    LIBC.iter()
-        .chain(LIBSTDCXX)
-        .chain(DELETES)
-        .map(|w| Want {
-            required: matches!(w.symbol, "malloc" | "free"),
-            ..*w
-        })
-        .collect()
-}
-
-/// How reports name a probed symbol: C names as they are, `operator new`
-/// variants in C++ terms.
-pub fn display_name(symbol: &str) -> &str {
-    match symbol {
-        "_Znwm" => "new",
-        "_Znam" => "new[]",
-        "_ZnwmRKSt9nothrow_t" => "new(nothrow)",
-        "_ZnamRKSt9nothrow_t" => "new[](nothrow)",
-        "_ZnwmSt11align_val_t" => "new(align)",
-        "_ZnamSt11align_val_t" => "new[](align)",
-        "_ZnwmSt11align_val_tRKSt9nothrow_t" => "new(align,nothrow)",
-        "_ZnamSt11align_val_tRKSt9nothrow_t" => "new[](align,nothrow)",
-        "_ZdlPv" => "delete",
-        "_ZdaPv" => "delete[]",
-        "_ZdlPvm" => "delete(sized)",
-        "_ZdaPvm" => "delete[](sized)",
-        "_ZdlPvRKSt9nothrow_t" => "delete(nothrow)",
-        "_ZdaPvRKSt9nothrow_t" => "delete[](nothrow)",
-        "_ZdlPvSt11align_val_t" => "delete(align)",
-        "_ZdaPvSt11align_val_t" => "delete[](align)",
-        "_ZdlPvmSt11align_val_t" => "delete(sized,align)",
-        "_ZdaPvmSt11align_val_t" => "delete[](sized,align)",
-        "_ZdlPvSt11align_val_tRKSt9nothrow_t" => "delete(align,nothrow)",
-        "_ZdaPvSt11align_val_tRKSt9nothrow_t" => "delete[](align,nothrow)",
-        other => other,
-    }
-}
-
 /// A function found, at its file offset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Site {
@@ -399,7 +335,19 @@ pub struct Site {
     /// [`probe_point`]).
     pub probe: u64,
     /// Other wanted names at the same offset (probed once, under `want`).
-    pub aliases: Vec<&'static str>,
+    pub aliases: Vec<String>,
+}
+
+/// What an object offers to probe: its allocators' names and its sites.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Found {
+    /// The allocators found, as reports name them ("glibc", "jemalloc",
+    /// "Rust #[global_allocator]", ...).
+    pub allocators: Vec<&'static str>,
+    /// One per file offset.
+    pub sites: Vec<Site>,
+    /// Optional functions the object lacks.
+    pub missing: Vec<String>,
 }
 
 /// The functions of `wants` found in the ELF file `data`, one per offset,
@@ -407,17 +355,17 @@ pub struct Site {
 pub fn find_sites(
     data: &[u8],
     wants: &[Want],
-) -> std::result::Result<(Vec<Site>, Vec<&'static str>), object::Error> {
+) -> std::result::Result<(Vec<Site>, Vec<String>), object::Error> {
     let file = object::File::parse(data)?;
-    let mut addr_of: HashMap<&str, (u64, u64)> = HashMap::new();
-    for sym in file.dynamic_symbols().chain(file.symbols()) {
-        if sym.is_definition()
-            && sym.address() != 0
-            && let Ok(name) = sym.name()
-        {
-            addr_of.entry(name).or_insert((sym.address(), sym.size()));
-        }
-    }
+    Ok(sites_in(&file, data, wants))
+}
+
+fn sites_in<'d, R: object::ReadRef<'d>>(
+    file: &object::File<'d, R>,
+    data: &[u8],
+    wants: &[Want],
+) -> (Vec<Site>, Vec<String>) {
+    let addr_of = symbol_map(file);
     let to_offset = |vaddr: u64| {
         file.segments().find_map(|seg| {
             let (file_off, file_len) = seg.file_range();
@@ -429,14 +377,14 @@ pub fn find_sites(
     let mut missing = Vec::new();
     for w in wants {
         let Some((offset, size)) = addr_of
-            .get(w.symbol)
+            .get(&*w.symbol)
             .and_then(|&(a, size)| Some((to_offset(a)?, size)))
         else {
-            missing.push(w.symbol);
+            missing.push(w.symbol.to_string());
             continue;
         };
         match sites.iter_mut().find(|s| s.offset == offset) {
-            Some(s) => s.aliases.push(w.symbol),
+            Some(s) => s.aliases.push(w.symbol.to_string()),
             None => {
                 // Unknown sizes (0) are read as "at least what is decoded".
                 let end = match size {
@@ -447,7 +395,7 @@ pub fn find_sites(
                     .get(offset as usize..end.min(data.len()))
                     .unwrap_or(&[]);
                 sites.push(Site {
-                    want: *w,
+                    want: w.clone(),
                     offset,
                     probe: offset + probe_point::probe_offset(code),
                     aliases: Vec::new(),
@@ -455,42 +403,70 @@ pub fn find_sites(
             }
         }
     }
-    Ok((sites, missing))
+    (sites, missing)
 }
 
-/// Sites to probe in a library; fails when a required function is missing.
-pub fn sites_of(lib: &Library, user: Option<u32>) -> Result<(Vec<Site>, Vec<&'static str>)> {
+/// What to probe in a library; fails when a required function is missing.
+pub fn sites_of(lib: &Library, user: Option<u32>) -> Result<Found> {
     let data = std::fs::read(&lib.path).map_err(|e| {
         UserError::new(
             format!("cannot read {}: {e}", lib.display),
             "memtrace reads the allocator library to find its functions; check the file exists and is readable",
         )
     })?;
-    let wants: Vec<Want> = match lib.kind {
-        LibKind::Libc => LIBC.to_vec(),
-        LibKind::Libstdcxx => LIBSTDCXX.to_vec(),
-        LibKind::Loader => vec![LOADER_HOOK],
-        LibKind::Malloc => malloc_lib_wants(),
-    };
-    let (sites, missing) = find_sites(&data, &wants).map_err(|e| {
+    let not_elf = |e: object::Error| {
         UserError::new(
             format!("{} is not an ELF file memtrace can read: {e}", lib.display),
             "is the library corrupt, or for another architecture?",
         )
-    })?;
+    };
+    let file = object::File::parse(&*data).map_err(not_elf)?;
+    let (allocators, wants): (Vec<&'static str>, Vec<Want>) = match lib.kind {
+        LibKind::Libc => (vec![libc_name(&lib.display)], LIBC.to_vec()),
+        LibKind::Libstdcxx => (vec!["libstdc++ (operator new)"], LIBSTDCXX.to_vec()),
+        LibKind::Loader => (Vec::new(), vec![LOADER_HOOK]),
+        LibKind::Malloc => crate::allocators::found_in(&symbol_map(&file)),
+    };
+    let (sites, mut missing) = sites_in(&file, &data, &wants);
+    let by = user
+        .map(|p| format!(" (mapped by PID {p})"))
+        .unwrap_or_default();
     if let Some(w) = wants
         .iter()
-        .find(|w| w.required && missing.contains(&w.symbol))
+        .find(|w| w.required && missing.iter().any(|m| *m == w.symbol))
     {
-        let by = user
-            .map(|p| format!(" (mapped by PID {p})"))
-            .unwrap_or_default();
         return Err(UserError::new(
             format!("symbol '{}' not found in {}{by}", w.symbol, lib.display),
-            "memtrace traces glibc's allocator; a static binary or a custom allocator is not supported yet",
+            "memtrace probes the allocator functions a library or program defines; is it stripped of its symbols?",
         ));
     }
-    Ok((sites, missing))
+    if sites.is_empty() {
+        return Err(UserError::new(
+            format!("no allocator functions found in {}{by}", lib.display),
+            "memtrace probes the allocator functions a library or program defines; is it stripped of its symbols?",
+        ));
+    }
+    if lib.kind == LibKind::Malloc {
+        // Only C functions (under any prefix) are worth naming as missing:
+        // a C program has no reason to define the C++ operators, nor glibc
+        // jemalloc's `mallocx`.
+        missing.retain(|m| LIBC.iter().any(|c| m.ends_with(&*c.symbol)));
+    }
+    Ok(Found {
+        allocators,
+        sites,
+        missing,
+    })
+}
+
+/// How reports name a C library: musl's file is `libc.so`, glibc's
+/// `libc.so.6`.
+fn libc_name(path: &str) -> &'static str {
+    if path.contains("musl") {
+        "musl"
+    } else {
+        "glibc"
+    }
 }
 
 #[cfg(test)]
@@ -529,47 +505,26 @@ mod tests {
     #[test]
     fn finds_libc_functions_and_merges_aliases() {
         let lib = self_libc();
-        let (sites, missing) = sites_of(&lib, None).unwrap();
+        let found = sites_of(&lib, None).unwrap();
+        assert_eq!(found.allocators, ["glibc"]);
+        let sites = &found.sites;
         assert!(sites.iter().any(|s| s.want.symbol == "malloc"));
         assert!(sites.iter().any(|s| s.want.symbol == "free"));
         // glibc: aligned_alloc and memalign are one function.
         if let Some(s) = sites.iter().find(|s| s.want.symbol == "aligned_alloc") {
             assert!(
-                s.aliases.contains(&"memalign")
+                s.aliases.iter().any(|a| a == "memalign")
                     || sites.iter().any(|o| o.want.symbol == "memalign"),
             );
         }
         let mut offsets: Vec<u64> = sites.iter().map(|s| s.offset).collect();
         offsets.dedup();
         assert_eq!(offsets.len(), sites.len(), "one site per offset");
-        assert!(missing.iter().all(|m| !["malloc", "free"].contains(m)));
+        assert!(found.missing.iter().all(|m| m != "malloc" && m != "free"));
     }
 
     #[test]
-    fn another_malloc_needs_only_malloc_and_free() {
-        let wants = malloc_lib_wants();
-        let required: Vec<&str> = wants
-            .iter()
-            .filter(|w| w.required)
-            .map(|w| w.symbol)
-            .collect();
-        assert_eq!(required, ["malloc", "free"]);
-        assert!(wants.iter().any(|w| w.symbol == "_Znwm"));
-        assert!(
-            wants
-                .iter()
-                .filter(|w| w.func == Some(AllocFn::Delete))
-                .count()
-                == DELETES.len()
-        );
-        let mut names: Vec<&str> = wants.iter().map(|w| w.symbol).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), wants.len(), "each symbol once");
-    }
-
-    #[test]
-    fn another_malloc_is_known_by_its_symbols() {
+    fn an_allocator_is_known_by_its_symbols() {
         let pid = std::process::id();
         let maps = maps::read(pid).unwrap();
         let exec_of = |suffix: &str| {
@@ -577,12 +532,9 @@ mod tests {
                 .find(|m| m.exec && m.path.ends_with(suffix))
                 .unwrap_or_else(|| panic!("no executable mapping of *{suffix}"))
         };
-        // libc defines both; the loader and the test binary do not.
-        assert!(defines_malloc(pid, exec_of("/libc.so.6")));
-        assert!(!defines_malloc(pid, exec_of("ld-linux-x86-64.so.2")));
-        let exe = std::env::current_exe().unwrap();
-        let exe = exe.to_str().unwrap();
-        assert!(!defines_malloc(pid, exec_of(exe)));
+        // libc defines both; the loader does not.
+        assert!(holds_allocator(pid, exec_of("/libc.so.6")));
+        assert!(!holds_allocator(pid, exec_of("ld-linux-x86-64.so.2")));
     }
 
     #[test]

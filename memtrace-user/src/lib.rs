@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 pub mod agg;
+pub mod allocators;
 pub mod attach;
 pub mod cli;
 pub mod diff;

@@ -93,6 +93,7 @@ fn entry_program(func: AllocFn) -> &'static str {
         AllocFn::Delete => "delete_enter",
         AllocFn::Pvalloc => "pvalloc_enter",
         AllocFn::OperatorNew => "operator_new_enter",
+        AllocFn::RustRealloc => "rust_realloc_enter",
     }
 }
 
@@ -252,18 +253,18 @@ impl Tracer {
     /// Probes the allocator functions of `lib`, for the given process only
     /// or (with `None`) for every process mapping it.
     pub fn attach(&mut self, lib: &Library, pid: Option<u32>) -> Result<Probes> {
-        let (sites, missing) = sites_of(lib, pid)?;
+        let found = sites_of(lib, pid)?;
         let scope = match pid.and_then(NonZeroU32::new) {
             Some(p) => UProbeScope::OneProcess(p),
             None => UProbeScope::AllProcesses,
         };
         let mut functions = Vec::new();
-        for site in &sites {
+        for site in &found.sites {
             self.attach_site(site, lib, scope)?;
-            let mut name = display_name(site.want.symbol).to_string();
+            let mut name = display_name(&site.want.symbol).into_owned();
             for a in &site.aliases {
                 name.push('=');
-                name.push_str(display_name(a));
+                name.push_str(&display_name(a));
             }
             // Probed past the entry, at an instruction the kernel emulates.
             if site.probe != site.offset {
@@ -273,11 +274,13 @@ impl Tracer {
         }
         Ok(Probes {
             module: lib.display.clone(),
+            allocators: found.allocators.iter().map(|a| a.to_string()).collect(),
             pids: pid.into_iter().collect(),
             functions,
-            missing: missing
-                .into_iter()
-                .map(|m| display_name(m).to_string())
+            missing: found
+                .missing
+                .iter()
+                .map(|m| display_name(m).into_owned())
                 .collect(),
         })
     }
@@ -450,8 +453,7 @@ impl Floor {
         );
         let mut links = Vec::new();
         for lib in libs.iter().filter(|l| l.kind != LibKind::Loader) {
-            let (sites, _) = sites_of(lib, Some(pid))?;
-            for site in &sites {
+            for site in &sites_of(lib, Some(pid))?.sites {
                 links.push(attach_uprobe(&mut ebpf, "floor_enter", site, lib, scope)?);
                 if site.want.func.is_some() {
                     links.push(attach_uprobe(&mut ebpf, "floor_exit", site, lib, scope)?);

@@ -185,19 +185,30 @@ fn maps_code(call: &VmCall) -> bool {
 /// Libraries to probe for each target; `None` as pid means every process.
 fn plan(args: &TargetArgs, child: Option<&GatedChild>) -> Result<Vec<(Library, Option<u32>)>> {
     if let Some(child) = child {
-        let mut libs = attach::host_libraries();
-        // Without libstdc++ there is no `operator new` to probe; each probe
-        // costs time to attach and detach.
-        match attach::command_kind(&args.command[0]) {
-            kind @ (attach::ProgramKind::Go | attach::ProgramKind::NoSharedLibc) => {
-                return Err(no_libc(&args.command[0], kind));
-            }
-            attach::ProgramKind::SharedLibc | attach::ProgramKind::Unknown => {}
+        let program = &args.command[0];
+        let kind = attach::command_kind(program);
+        if kind == attach::ProgramKind::Go {
+            return Err(no_libc(program, kind));
         }
-        if !attach::links_libstdcxx(&args.command[0]) {
+        // A program without libc.so.6 (static, or on musl) maps none of the
+        // host's libraries; each probe costs time to attach and detach.
+        let mut libs = match kind {
+            attach::ProgramKind::NoSharedLibc => Vec::new(),
+            _ => attach::host_libraries(),
+        };
+        for lib in attach::program_libraries(program) {
+            if !libs.iter().any(|l| l.id == lib.id) {
+                libs.push(lib);
+            }
+        }
+        // Without libstdc++ there is no `operator new` to probe.
+        if !attach::links_libstdcxx(program) {
             libs.retain(|l| l.kind != LibKind::Libstdcxx);
         }
-        if !libs.iter().any(|l| l.kind == LibKind::Libc) {
+        if !libs.iter().any(|l| holds_allocator(l.kind)) {
+            if kind == attach::ProgramKind::NoSharedLibc {
+                return Err(no_libc(program, kind));
+            }
             return Err(UserError::new(
                 "memtrace cannot find the C library it runs on, to probe for the command",
                 "is memtrace itself statically linked? build it against glibc",
@@ -221,7 +232,7 @@ fn plan(args: &TargetArgs, child: Option<&GatedChild>) -> Result<Vec<(Library, O
                     "run memtrace as root",
                 )
             })?;
-            if !libs.iter().any(|l| l.kind == LibKind::Libc) {
+            if !libs.iter().any(|l| holds_allocator(l.kind)) {
                 let what = format!("PID {pid} ({})", target::comm(pid));
                 let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
                 return Err(no_libc(&what, attach::program_kind(&exe)));
@@ -781,8 +792,14 @@ fn write_oom_reports(
     }
 }
 
-/// The error for a target without a shared libc to probe: a Go program, or
-/// a static one (or one on another C library). `what` names it.
+/// Whether a library of this kind is an allocator (not only the loader's
+/// hook or `operator new`, which calls one).
+fn holds_allocator(kind: LibKind) -> bool {
+    matches!(kind, LibKind::Libc | LibKind::Malloc)
+}
+
+/// The error for a target without an allocator to probe: a Go program, or a
+/// static one stripped of its symbols. `what` names it.
 fn no_libc(what: &str, kind: attach::ProgramKind) -> UserError {
     if kind == attach::ProgramKind::Go {
         UserError::new(
@@ -795,9 +812,10 @@ fn no_libc(what: &str, kind: attach::ProgramKind) -> UserError {
     } else {
         UserError::new(
             format!(
-                "{what} does not use a shared libc: it may be statically linked or use another C library"
+                "{what} maps no C library and its symbols show no allocator: it may be a static \
+                 binary stripped of its symbols"
             ),
-            "memtrace traces glibc's allocator (libc.so.6); static binaries and musl are not supported yet",
+            "memtrace finds a static program's malloc by its symbol table; trace an unstripped build",
         )
     }
 }

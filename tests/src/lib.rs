@@ -28,7 +28,7 @@ pub use report::{
 pub use temp::TempPath;
 
 /// Where `build.rs` put the compiled C and C++ fixtures.
-const FIXTURE_DIR: &str = env!("OUT_DIR");
+pub const FIXTURE_DIR: &str = env!("OUT_DIR");
 
 /// How long a fixture or memtrace may take to say its next line.
 pub const LINE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -59,8 +59,8 @@ pub fn memtrace_bin() -> PathBuf {
     path
 }
 
-/// Path of a fixture compiled by `build.rs`: `alloc_fixture`, `cxx_fixture`,
-/// `phases_fixture`, `threads_fixture` or `static_fixture`. (The Rust fixture is a cargo binary: integration tests
+/// Path of a fixture compiled by `build.rs` (`alloc_fixture`, `cxx_fixture`,
+/// `phases_fixture`, ...: see its list). (The Rust fixture is a cargo binary: integration tests
 /// get it from `env!("CARGO_BIN_EXE_rust_fixture")`.)
 pub fn fixture(name: &str) -> PathBuf {
     let path = Path::new(FIXTURE_DIR).join(name);

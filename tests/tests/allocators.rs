@@ -1,15 +1,22 @@
-//! Allocators other than glibc's: jemalloc, tcmalloc and mimalloc (Debian's
-//! libjemalloc2, libtcmalloc-minimal4, libmimalloc2.0), preloaded into the C
-//! fixture with `LD_PRELOAD`. They replace glibc's `malloc` for the whole
-//! process, so glibc's probes would see almost nothing; memtrace finds them by
-//! the `malloc` and `free` they define (not by name), at the loader's stop
-//! before the fixture runs, and every call site is exact. The C++ fixture too:
-//! their `operator new` and `delete` are code of their own, probed as well.
+//! Allocators other than glibc's shared one.
+//!
+//! jemalloc, tcmalloc and mimalloc (Debian's libjemalloc2,
+//! libtcmalloc-minimal4, libmimalloc2.0), preloaded into the C fixture with
+//! `LD_PRELOAD`. They replace glibc's `malloc` for the whole process, so
+//! glibc's probes would see almost nothing; memtrace finds them by the
+//! `malloc` and `free` they define (not by name), at the loader's stop before
+//! the fixture runs, and every call site is exact. The C++ fixture too: their
+//! `operator new` and `delete` are code of their own, probed as well.
+//!
+//! The allocator in the executable (glibc's and musl's, linked statically)
+//! and musl's `libc.so`: the same C fixture built three more ways.
 
 use std::path::Path;
 
 use memtrace_tests::truth::{c, cxx};
-use memtrace_tests::{Memtrace, assert_no_losses, assert_site, fixture, process_by_comm};
+use memtrace_tests::{
+    FIXTURE_DIR, Memtrace, assert_no_losses, assert_site, fixture, process_by_comm,
+};
 use serde_json::Value;
 
 use crate::{REPORT_ARGS, shared_machine};
@@ -129,4 +136,67 @@ fn mimalloc_c() {
 #[test]
 fn mimalloc_cxx() {
     cxx_fixture(MIMALLOC.0, MIMALLOC.1);
+}
+
+/// The C fixture built another way (`name`, by tests/build.rs), run under
+/// memtrace: every site exact, the allocator named in the probe list.
+/// `musl`: no `pvalloc` (its site allocates nothing), and `realloc(p, 0)`
+/// returns a new block.
+fn built_fixture(name: &str, allocator: &str, musl: bool) {
+    if !memtrace_tests::require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let program = Path::new(FIXTURE_DIR).join(name);
+    assert!(
+        program.exists(),
+        "fixture {name} was not built: install musl-tools (cargo xtask setup does)"
+    );
+    let output =
+        Memtrace::spawn_cmd(REPORT_ARGS, program.to_str().unwrap(), [] as [&str; 0]).wait();
+    output.assert_status(0);
+    let report = output.json();
+    // The kernel's comm is the first 15 bytes of the name.
+    let comm = &name[..name.len().min(15)];
+    let p = process_by_comm(&report, comm);
+    assert_no_losses(&report, p);
+    let probes = report["probes"].as_array().expect("probes");
+    assert!(
+        probes
+            .iter()
+            .any(|pr| pr["allocators"].to_string().contains(allocator)),
+        "{allocator} among the probes: {probes:#?}"
+    );
+    for &(function, site) in c::SITES {
+        let site = match function {
+            "churn" if musl => c::CHURN_REALLOC_ZERO_ALLOCATES,
+            "leak_pvalloc" if musl => {
+                assert!(
+                    memtrace_tests::matching_stacks(p, function).is_empty(),
+                    "musl has no pvalloc"
+                );
+                continue;
+            }
+            _ => site,
+        };
+        assert_site(p, function, site);
+    }
+}
+
+/// glibc's allocator linked into the executable (`gcc -static`).
+#[test]
+fn static_glibc() {
+    built_fixture("alloc_fixture_static", "glibc", false);
+}
+
+/// musl's `libc.so` (`musl-gcc`), the program's interpreter.
+#[test]
+fn musl_shared() {
+    built_fixture("alloc_fixture_musl", "musl", true);
+}
+
+/// musl's allocator linked into the executable (`musl-gcc -static`).
+#[test]
+fn musl_static() {
+    built_fixture("alloc_fixture_musl_static", "musl", true);
 }

@@ -20,7 +20,8 @@ fn error_no_such_pid() {
     output.assert_error(&[&pid]);
 }
 
-/// A statically linked target has no libc.so to probe.
+/// A static, stripped target: no libc.so, and no symbol says where its
+/// malloc is.
 #[test]
 fn error_static_target() {
     if !require_root() {
@@ -31,7 +32,7 @@ fn error_static_target() {
     fixture.wait_ready();
     let pid = fixture.pid().to_string();
     let output = Memtrace::spawn(["-p", pid.as_str()]).wait();
-    output.assert_error(&["libc"]);
+    output.assert_error(&["no C library", "stripped"]);
     // Let the fixture run its protocol to the end, so its exit is clean.
     fixture.go();
     fixture.wait_done();
@@ -174,8 +175,9 @@ fn error_report_of_a_bad_file() {
     let _ = fs::remove_dir_all(&dir);
 }
 
-/// A static program started by memtrace: refused before it runs, not traced
-/// in silence (its malloc is not the host libc's).
+/// A static, stripped program started by memtrace: refused before it runs,
+/// not traced in silence (its malloc is not the host libc's, and no symbol
+/// says where it is).
 #[test]
 fn error_static_command() {
     if !require_root() {
@@ -184,7 +186,7 @@ fn error_static_command() {
     let _machine = shared_machine();
     let program = fixture("static_fixture");
     let output = Memtrace::spawn([std::ffi::OsStr::new("--"), program.as_os_str()]).wait();
-    output.assert_error(&["static_fixture", "shared libc"]);
+    output.assert_error(&["static_fixture", "stripped"]);
 }
 
 /// A Go program (no cgo), started by memtrace or running: refused with a

@@ -42,6 +42,8 @@ const TEST_PACKAGES: &[&str] = &[
     "libjemalloc2",
     "libtcmalloc-minimal4",
     "libmimalloc2.0",
+    // musl-gcc, for the fixtures built against musl.
+    "musl-tools",
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";

@@ -161,6 +161,10 @@ fn default_fault_sample() -> u32 {
 pub struct ProbesMeta {
     /// The file probed.
     pub module: String,
+    /// The allocators found in it (absent in recordings of memtrace 0.1
+    /// before they were named).
+    #[serde(default)]
+    pub allocators: Vec<String>,
     /// Process ids the probes are limited to.
     pub pids: Vec<u32>,
     /// Functions probed.
@@ -173,6 +177,7 @@ impl From<&Probes> for ProbesMeta {
     fn from(p: &Probes) -> Self {
         Self {
             module: p.module.clone(),
+            allocators: p.allocators.clone(),
             pids: p.pids.clone(),
             functions: p.functions.clone(),
             missing: p.missing.clone(),
@@ -184,6 +189,7 @@ impl From<ProbesMeta> for Probes {
     fn from(p: ProbesMeta) -> Self {
         Self {
             module: p.module,
+            allocators: p.allocators,
             pids: p.pids,
             functions: p.functions,
             missing: p.missing,

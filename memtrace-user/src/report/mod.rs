@@ -194,6 +194,9 @@ impl Options {
 pub struct Probes {
     /// The file, as given to the kernel.
     pub module: String,
+    /// The allocators found in it ("glibc", "jemalloc", "Rust
+    /// #[global_allocator]", ...); empty for the loader's hook.
+    pub allocators: Vec<String>,
     /// Process ids the probes are limited to; empty means every process.
     pub pids: Vec<u32>,
     /// Functions probed (one name per distinct address).

@@ -44,9 +44,13 @@ pub fn render(r: &Report, view: View, out: &mut dyn Write) -> io::Result<()> {
     )?;
     for p in &r.probes {
         let scope = p.scope();
+        let what = match p.allocators.as_slice() {
+            [] => String::new(),
+            names => format!(" [{}]", names.join(", ")),
+        };
         write!(
             out,
-            "probes: {} ({scope}): {}",
+            "probes: {}{what} ({scope}): {}",
             p.module,
             p.functions.join(" ")
         )?;
@@ -738,6 +742,7 @@ pub(crate) mod tests {
         };
         let probes = [Probes {
             module: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
+            allocators: vec!["glibc".into()],
             pids: vec![],
             functions: ["malloc", "calloc", "realloc", "free"]
                 .map(String::from)
