@@ -127,7 +127,8 @@ const MIMALLOC_X: &[Want] = &[
 ];
 
 /// An allocator interface: names under a prefix, present when the object
-/// defines the prefixed `malloc` and `free`.
+/// defines a prefixed `malloc` (or `mallocx`) and `free` (or `dallocx`,
+/// `sdallocx`).
 struct Family {
     /// How reports name the allocator.
     name: &'static str,
@@ -192,9 +193,9 @@ pub fn plain_wants() -> Vec<Want> {
 /// The allocators an object's symbols (dynamic and static, name to address)
 /// show, and what to probe in them: each interface whose `malloc` and `free`
 /// it defines, and Rust's shims where the program has a
-/// `#[global_allocator]` of its own (`__rg_alloc`). With the default
-/// (System) allocator they call `malloc`, which is probed anyway: probing
-/// the shims too would double the traps for nothing.
+/// `#[global_allocator]` of its own: then the shims call it, where with the
+/// default they call `__rdl_alloc` (std's, which calls `malloc`, probed
+/// anyway: probing the shims too would double the traps for nothing).
 pub fn found_in<V>(symbols: &HashMap<&str, V>) -> (Vec<&'static str>, Vec<Want>) {
     let mut names = Vec::new();
     let mut wants = Vec::new();
@@ -205,21 +206,27 @@ pub fn found_in<V>(symbols: &HashMap<&str, V>) -> (Vec<&'static str>, Vec<Want>)
     }
     for f in FAMILIES {
         let prefixed = |s: &str| format!("{}{s}", f.prefix);
-        if !(has(&prefixed("malloc")) && has(&prefixed("free"))) {
+        // A static link keeps only what the program calls: Rust's
+        // tikv-jemallocator frees with `sdallocx`, never `free`.
+        let allocates = ["malloc", "mallocx"].iter().any(|s| has(&prefixed(s)));
+        let frees = ["free", "dallocx", "sdallocx"]
+            .iter()
+            .any(|s| has(&prefixed(s)));
+        if !(allocates && frees) {
             continue;
         }
         names.push(f.name);
         for w in LIBC.iter().chain(f.extra) {
             wants.push(Want {
                 symbol: Cow::Owned(prefixed(&w.symbol)),
-                required: matches!(&*w.symbol, "malloc" | "free"),
+                required: false,
                 ..w.clone()
             });
         }
     }
     let shims = rust_shims(symbols);
     let has_shim = |base: &str| shims.iter().any(|(b, _)| *b == base);
-    if has_shim("__rg_alloc") && has_shim("__rust_alloc") && has_shim("__rust_dealloc") {
+    if !has_shim("__rdl_alloc") && has_shim("__rust_alloc") && has_shim("__rust_dealloc") {
         names.push("Rust #[global_allocator]");
         wants.extend(shims.into_iter().filter_map(|(_, w)| w));
     }
@@ -246,8 +253,9 @@ fn plain_name<V>(symbols: &HashMap<&str, V>) -> &'static str {
 }
 
 /// Rust's shims among the symbols: each one's plain name, and what to probe
-/// under its mangled name. `__rg_alloc` (the call into a global allocator
-/// of the program's own) is listed with nothing to probe.
+/// under its mangled name. `__rdl_alloc` (std's default allocator, there
+/// when the program has no `#[global_allocator]`) is listed with nothing to
+/// probe.
 fn rust_shims<V>(symbols: &HashMap<&str, V>) -> Vec<(&'static str, Option<Want>)> {
     let mut out = Vec::new();
     for &name in symbols.keys() {
@@ -258,8 +266,8 @@ fn rust_shims<V>(symbols: &HashMap<&str, V>) -> Vec<(&'static str, Option<Want>)
         let Some(last) = last_segment(name) else {
             continue;
         };
-        if last == "__rg_alloc" {
-            out.push(("__rg_alloc", None));
+        if last == "__rdl_alloc" {
+            out.push(("__rdl_alloc", None));
         } else if let Some(w) = RUST_SHIMS.iter().find(|w| w.symbol == last) {
             let base: &'static str = match &w.symbol {
                 Cow::Borrowed(b) => b,
@@ -365,7 +373,7 @@ mod tests {
     fn prefixed_interfaces_are_found_with_their_own_functions() {
         let (names, wants) = found_in(&symbols(&[
             "_rjem_malloc",
-            "_rjem_free",
+            "_rjem_sdallocx",
             "_rjem_mallocx",
             "tc_malloc",
         ]));
@@ -374,12 +382,7 @@ mod tests {
         assert_eq!(w.func, Some(AllocFn::Realloc));
         let w = wants.iter().find(|w| w.symbol == "_rjem_sdallocx").unwrap();
         assert_eq!(w.func, Some(AllocFn::Delete));
-        let required: Vec<&str> = wants
-            .iter()
-            .filter(|w| w.required)
-            .map(|w| &*w.symbol)
-            .collect();
-        assert_eq!(required, ["_rjem_malloc", "_rjem_free"]);
+        assert!(wants.iter().all(|w| !w.required));
     }
 
     #[test]
@@ -396,7 +399,7 @@ mod tests {
     }
 
     #[test]
-    fn rust_shims_are_found_by_their_demangled_names_with_a_global_allocator() {
+    fn rust_shims_are_found_by_their_demangled_names_under_a_global_allocator() {
         let mangled = [
             "_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc",
             "_RNvCsfLfy6EI15iL_7___rustc14___rust_dealloc",
@@ -404,13 +407,13 @@ mod tests {
             "_RNvCsfLfy6EI15iL_7___rustc19___rust_alloc_zeroed",
             "_RNvCsfLfy6EI15iL_7___rustc26___rust_alloc_error_handler",
         ];
-        // The System allocator: its shims call malloc, probed anyway.
-        let (names, wants) = found_in(&symbols(&mangled));
+        // The default allocator: its shims call malloc, probed anyway.
+        let mut default = mangled.to_vec();
+        default.push("_RNvCsfLfy6EI15iL_7___rustc11___rdl_alloc");
+        let (names, wants) = found_in(&symbols(&default));
         assert!(names.is_empty() && wants.is_empty(), "{names:?}");
 
-        let mut with_own = mangled.to_vec();
-        with_own.push("_RNvCsfLfy6EI15iL_7___rustc10___rg_alloc");
-        let (names, wants) = found_in(&symbols(&with_own));
+        let (names, wants) = found_in(&symbols(&mangled));
         assert_eq!(names, ["Rust #[global_allocator]"]);
         let by_name: HashMap<String, Option<AllocFn>> = wants
             .iter()

@@ -447,10 +447,11 @@ pub fn sites_of(lib: &Library, user: Option<u32>) -> Result<Found> {
         ));
     }
     if lib.kind == LibKind::Malloc {
-        // Only C functions (under any prefix) are worth naming as missing:
-        // a C program has no reason to define the C++ operators, nor glibc
-        // jemalloc's `mallocx`.
-        missing.retain(|m| LIBC.iter().any(|c| m.ends_with(&*c.symbol)));
+        // Only the C names are worth naming as missing: a C program has no
+        // reason to define the C++ operators, glibc no reason to define
+        // jemalloc's `mallocx`, and a static link keeps only the prefixed
+        // functions the program calls.
+        missing.retain(|m| LIBC.iter().any(|c| c.symbol == *m));
     }
     Ok(Found {
         allocators,

@@ -9,11 +9,13 @@
 //! `operator new` and `delete` are code of their own, probed as well.
 //!
 //! The allocator in the executable (glibc's and musl's, linked statically)
-//! and musl's `libc.so`: the same C fixture built three more ways.
+//! and musl's `libc.so`: the same C fixture built three more ways. And the
+//! Rust fixture under tikv-jemallocator: jemalloc linked in under its
+//! `_rjem_` prefix, reached through Rust's allocator shims.
 
 use std::path::Path;
 
-use memtrace_tests::truth::{c, cxx};
+use memtrace_tests::truth::{c, cxx, rust};
 use memtrace_tests::{
     FIXTURE_DIR, Memtrace, assert_no_losses, assert_site, fixture, process_by_comm,
 };
@@ -199,4 +201,35 @@ fn musl_shared() {
 #[test]
 fn musl_static() {
     built_fixture("alloc_fixture_musl_static", "musl", true);
+}
+
+/// Rust's tikv-jemallocator as the `#[global_allocator]`: glibc's `malloc`
+/// sees none of the fixture's blocks. memtrace probes the shims
+/// (`__rust_alloc`, ...: found by their demangled names) and jemalloc's
+/// `_rjem_` functions in the executable; the Rust runtime allocates at
+/// start-up too, so only the sites are exact.
+#[test]
+fn rust_tikv_jemallocator() {
+    if !memtrace_tests::require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let program = env!("CARGO_BIN_EXE_rust_jemalloc_fixture");
+    let output = Memtrace::spawn_cmd(REPORT_ARGS, program, [] as [&str; 0]).wait();
+    output.assert_status(0);
+    let report = output.json();
+    let p = process_by_comm(&report, "rust_jemalloc_f");
+    assert_no_losses(&report, p);
+    let probes = report["probes"].to_string();
+    for name in [
+        "_rjem_",
+        "Rust #[global_allocator]",
+        "__rust_alloc",
+        "_rjem_sdallocx",
+    ] {
+        assert!(probes.contains(name), "{name} among the probes: {probes}");
+    }
+    for &(function, site) in rust::SITES {
+        assert_site(p, function, site);
+    }
 }
