@@ -70,6 +70,15 @@ const FIXTURES: &[Fixture] = &[
         flags: C_FLAGS,
         compiler: None,
     },
+    // Built as distributions build: optimized, no frame pointers. Its
+    // callers are found by DWARF unwinding only.
+    Fixture {
+        source: "nofp_fixture.cpp",
+        output: "nofp_fixture",
+        cxx: true,
+        flags: &["-O2", "-g", "-fomit-frame-pointer", "-pthread"],
+        compiler: None,
+    },
     // The allocator in the executable: glibc's, then musl's linked in,
     // and musl's libc.so instead of glibc's.
     Fixture {

@@ -14,7 +14,7 @@
 
 /// Version of the record layout. The loader refuses an eBPF object that
 /// speaks another version.
-pub const EVENT_ABI: u16 = 5;
+pub const EVENT_ABI: u16 = 6;
 
 /// Deepest user stack a record carries (the kernel's default
 /// `perf_event_max_stack`).
@@ -76,6 +76,9 @@ pub enum RecordKind {
     /// until user space has probed any new allocator library and sent
     /// SIGCONT.
     Loaded = 10,
+    /// An [`AllocStackRecord`]: an allocator function returned in a process
+    /// whose stacks user space unwinds with DWARF CFI (`--unwind dwarf`).
+    AllocStack = 11,
 }
 
 impl RecordKind {
@@ -92,6 +95,7 @@ impl RecordKind {
             8 => Some(Self::Exec),
             9 => Some(Self::Fork),
             10 => Some(Self::Loaded),
+            11 => Some(Self::AllocStack),
             _ => None,
         }
     }
@@ -213,6 +217,54 @@ pub struct AllocRecord {
 impl AllocRecord {
     /// Length of the record without frames.
     pub const FIXED_LEN: usize = core::mem::offset_of!(AllocRecord, frames);
+}
+
+/// The most user stack an [`AllocStackRecord`] carries: four pages.
+pub const STACK_COPY: usize = 16384;
+
+/// An allocator function returned in a process unwound by user space: the
+/// fields of an [`AllocRecord`], then the caller's registers and a copy of
+/// its stack from `rsp` up, which user space walks with the binaries' CFI
+/// (`.eh_frame`). For code without frame pointers, where the kernel's walk
+/// stops at the first frame.
+///
+/// Variable-length: [`AllocStackRecord::FIXED_LEN`] bytes plus `stack_len`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AllocStackRecord {
+    /// Common header; `kind` is [`RecordKind::AllocStack`].
+    pub header: Header,
+    /// As in [`AllocRecord`].
+    pub addr: u64,
+    /// As in [`AllocRecord`].
+    pub size: u64,
+    /// As in [`AllocRecord`].
+    pub old_addr: u64,
+    /// As in [`AllocRecord`].
+    pub entry_ts_ns: u64,
+    /// An [`AllocFn`] discriminant.
+    pub func: u16,
+    /// Zero.
+    pub _pad: u16,
+    /// Bytes of `stack` copied (up to [`STACK_COPY`]): fewer where the
+    /// stack ends sooner (an unmapped page stops the copy).
+    pub stack_len: u32,
+    /// The return address into the allocator's caller (the caller's `rip`
+    /// at the return probe).
+    pub rip: u64,
+    /// The caller's stack pointer after the return.
+    pub rsp: u64,
+    /// The caller's `rbp` (a frame pointer or not).
+    pub rbp: u64,
+    /// The stack from `rsp` up. One page more than [`STACK_COPY`], so the
+    /// copy's page-sized pieces stay in bounds at any offset the verifier
+    /// can prove.
+    pub stack: [u8; STACK_COPY + 4096],
+}
+
+impl AllocStackRecord {
+    /// Length of the record without its stack.
+    pub const FIXED_LEN: usize = core::mem::offset_of!(AllocStackRecord, stack);
 }
 
 /// `free(addr)` was entered with a non-NULL pointer.
@@ -671,6 +723,8 @@ mod tests {
             size_of::<AllocRecord>(),
             AllocRecord::FIXED_LEN + 8 * MAX_FRAMES
         );
+        assert_eq!(AllocStackRecord::FIXED_LEN, 24 + 8 * 4 + 8 + 8 * 3);
+        assert_eq!(offset_of!(AllocStackRecord, func), 56);
         assert_eq!(size_of::<FreeRecord>(), 32);
         assert_eq!(size_of::<Inflight>(), 40);
         assert_eq!(size_of::<InflightStack>(), 8 + 40 * MAX_NEST);

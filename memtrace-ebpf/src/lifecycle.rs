@@ -15,7 +15,8 @@ use memtrace_common::{Counter, ExecRecord, ForkRecord, Header, OomRecord, Record
 
 use crate::vm::{RSS_LAST, field};
 use crate::{
-    EVENTS, FOLLOW_FORKS, INFLIGHT, TRACED, count, header, self_tgid, skipped, submit, traced,
+    DWARF, EVENTS, FOLLOW_FORKS, INFLIGHT, TRACED, count, header, self_tgid, skipped, submit,
+    traced,
 };
 
 /// `CLONE_THREAD`: the new task is a thread of its creator's process.
@@ -44,6 +45,12 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
         if TRACED.insert(child as u32, 1, 0).is_err() {
             count(Counter::TracedFull);
             return 0;
+        }
+        // A child of a process unwound by user space is unwound too; its
+        // main stack is the parent's copy, at the same place.
+        // SAFETY: a read-only look at a map value.
+        if let Some(&top) = unsafe { DWARF.get((pid_tgid >> 32) as u32) } {
+            let _ = DWARF.insert(child as u32, top, 0);
         }
     } else if !traced((pid_tgid >> 32) as u32) {
         return 0;
@@ -78,6 +85,7 @@ pub fn process_exit(ctx: RawTracePointContext) -> u32 {
     // A later process with this pid is not the one asked for.
     let _ = RSS_LAST.remove(tgid);
     let _ = TRACED.remove(tgid);
+    let _ = DWARF.remove(tgid);
     submit::<Header>(|h| *h = header(RecordKind::Exit, pid_tgid));
     0
 }

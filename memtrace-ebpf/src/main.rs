@@ -41,8 +41,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use memtrace_common::{
-    AllocFn, AllocRecord, COUNTERS, Counter, EVENT_ABI, FreeRecord, Header, Inflight,
-    InflightStack, LOST_SITES, MAX_FRAMES, MAX_NEST, RecordKind, TRACED_PIDS,
+    AllocFn, AllocRecord, AllocStackRecord, COUNTERS, Counter, EVENT_ABI, FreeRecord, Header,
+    Inflight, InflightStack, LOST_SITES, MAX_FRAMES, MAX_NEST, RecordKind, STACK_COPY, TRACED_PIDS,
 };
 
 /// memtrace's own process id: its allocations are never traced (in
@@ -67,6 +67,20 @@ static FOLLOW_FORKS: u8 = 0;
 /// with `--follow-forks` by `process_fork`.
 #[map]
 pub(crate) static TRACED: HashMap<u32, u8> = HashMap::with_max_entries(TRACED_PIDS, 0);
+
+/// How allocation stacks are taken: 0, by frame pointers in every process;
+/// 1, copied for user space to unwind ([`AllocStackRecord`]) in every
+/// process; 2, copied for the processes in [`DWARF`], by frame pointers for
+/// the others.
+#[unsafe(no_mangle)]
+static UNWIND: u8 = 0;
+
+/// Processes whose stacks user space unwinds (with [`UNWIND`] 2), and the
+/// top of each one's main-thread stack (0 when unknown): a copy that would
+/// run past it stops there instead of at a fault. Filled by the loader;
+/// `process_fork` adds a followed child of a listed parent.
+#[map]
+pub(crate) static DWARF: HashMap<u32, u64> = HashMap::with_max_entries(TRACED_PIDS, 0);
 
 /// Bytes waiting in [`EVENTS`] past which a record wakes the reader. Below
 /// it records are written without a wakeup (a wakeup is an interrupt on the
@@ -94,6 +108,10 @@ pub(crate) static INFLIGHT: HashMap<u32, InflightStack> = HashMap::with_max_entr
 /// Per-CPU room to build an [`AllocRecord`] (too large for the BPF stack).
 #[map]
 static SCRATCH: PerCpuArray<AllocRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU room to build an [`AllocStackRecord`].
+#[map]
+static STACK_SCRATCH: PerCpuArray<AllocStackRecord> = PerCpuArray::with_max_entries(1, 0);
 
 /// The most user stack copied in one read: a page (see [`user_stack`]).
 const PAGE: usize = 4096;
@@ -505,6 +523,10 @@ fn emit_alloc(
     old_addr: u64,
     call: &Inflight,
 ) {
+    if let Some(stack_top) = unwound_by_user(tgid) {
+        emit_alloc_stack(ctx, tgid, tid, addr, old_addr, call, stack_top);
+        return;
+    }
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -534,6 +556,109 @@ fn emit_alloc(
         // frames[0] is the return address into the caller: the call site.
         count_lost(tgid, rec.frames[0], call.size);
     }
+}
+
+/// Whether user space unwinds the stacks of process `tgid`, and if so the
+/// top of its main thread's stack (0 when unknown).
+#[inline(always)]
+fn unwound_by_user(tgid: u32) -> Option<u64> {
+    // SAFETY: as in `self_tgid`.
+    match unsafe { core::ptr::read_volatile(&UNWIND) } {
+        0 => None,
+        1 => Some(0),
+        // SAFETY: a read-only look at a map value.
+        _ => unsafe { DWARF.get(tgid) }.copied(),
+    }
+}
+
+/// [`emit_alloc`] for a process whose stack user space unwinds: the
+/// caller's registers and a copy of its stack instead of frames.
+#[inline(always)]
+fn emit_alloc_stack(
+    ctx: &RetProbeContext,
+    tgid: u32,
+    tid: u32,
+    addr: u64,
+    old_addr: u64,
+    call: &Inflight,
+    stack_top: u64,
+) {
+    let Some(rec) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot; programs do not migrate mid-run.
+    let rec = unsafe { &mut *rec };
+    rec.header = Header {
+        version: EVENT_ABI,
+        kind: RecordKind::AllocStack as u16,
+        tgid,
+        tid,
+        _reserved: 0,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    rec.addr = addr;
+    rec.size = call.size;
+    rec.old_addr = old_addr;
+    rec.entry_ts_ns = call.ts_ns;
+    rec.func = call.func;
+    rec._pad = 0;
+    // SAFETY: uretprobe contexts are `pt_regs`.
+    let regs = unsafe { &*(ctx.as_ptr() as *const pt_regs) };
+    rec.rip = regs.rip;
+    rec.rsp = regs.rsp;
+    rec.rbp = regs.rbp;
+    let len = copy_stack(regs.rsp, stack_top, &mut rec.stack);
+    rec.stack_len = len as u32;
+    if !output(rec, AllocStackRecord::FIXED_LEN + len) {
+        count_lost(tgid, regs.rip, call.size);
+    }
+}
+
+/// Copies the user stack from `sp` up into `buf`: the rest of `sp`'s page,
+/// then whole pages, up to [`STACK_COPY`] bytes, or to `top` (the main
+/// thread's stack end, when known and above `sp`), or to the first page that
+/// cannot be read (a read is all or nothing). Returns the bytes copied.
+#[inline(always)]
+fn copy_stack(sp: u64, top: u64, buf: &mut [u8; STACK_COPY + PAGE]) -> usize {
+    // How far the stack reaches, when known: below a main-thread top within
+    // reach, or all of the copy.
+    let room = if top > sp && top - sp < STACK_COPY as u64 {
+        (top - sp) as usize
+    } else {
+        STACK_COPY
+    };
+    let first = (PAGE - (sp as usize & (PAGE - 1))) & (2 * PAGE - 1);
+    if first == 0 || first > PAGE {
+        return 0;
+    }
+    // SAFETY: the helper writes `first` ≤ PAGE bytes at the buffer's start.
+    let copied = unsafe {
+        let dst = core::slice::from_raw_parts_mut(buf.as_mut_ptr(), first);
+        bpf_probe_read_user_buf(sp as *const u8, dst)
+    };
+    if copied.is_err() {
+        return 0;
+    }
+    let mut len = first;
+    for _ in 0..STACK_COPY / PAGE - 1 {
+        if len >= room {
+            break;
+        }
+        // `len` < STACK_COPY here, so the mask changes nothing; it shows the
+        // verifier that a page written there stays in the buffer.
+        let off = len & (STACK_COPY - 1);
+        // SAFETY: `off + PAGE` ≤ STACK_COPY + PAGE, the buffer's size.
+        let copied = unsafe {
+            let dst = core::slice::from_raw_parts_mut(buf.as_mut_ptr().add(off), PAGE);
+            bpf_probe_read_user_buf((sp + off as u64) as *const u8, dst)
+        };
+        if copied.is_err() {
+            break;
+        }
+        len += PAGE;
+    }
+    if len > room { room } else { len }
 }
 
 /// Writes one fixed-size record, counting a full ring buffer. Returns

@@ -208,7 +208,7 @@ pub fn host_libraries() -> Vec<Library> {
 }
 
 /// The file a program name runs: a path, or a name looked up on PATH.
-fn program_path(program: &str) -> Option<PathBuf> {
+pub fn program_path(program: &str) -> Option<PathBuf> {
     if program.contains('/') {
         return Some(PathBuf::from(program));
     }

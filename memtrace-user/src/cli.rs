@@ -110,6 +110,15 @@ pub struct TargetArgs {
     #[arg(long)]
     pub follow_forks: bool,
 
+    /// How allocation stacks are walked: by frame pointers (cheap; stops at
+    /// the first function built without them), by DWARF call frame
+    /// information (`.eh_frame`) over a 16 KiB copy of the stack (right in
+    /// any code; each allocation then costs the copy), or `auto`: DWARF for
+    /// a program whose functions lack frame-pointer prologues, frame
+    /// pointers otherwise. Tracing every process, `auto` is `fp`.
+    #[arg(long, value_enum, default_value_t = Unwind::Auto)]
+    pub unwind: Unwind,
+
     /// Where to write the report of a traced process the OOM killer chose
     /// [default: the current directory].
     #[arg(long, value_name = "DIR")]
@@ -224,6 +233,17 @@ pub struct ReportArgs {
     /// What to show.
     #[command(flatten)]
     pub view: ViewArgs,
+}
+
+/// `--unwind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Unwind {
+    /// By program: frame pointers where its code keeps them, else DWARF.
+    Auto,
+    /// Frame pointers.
+    Fp,
+    /// DWARF call frame information over a copy of the stack.
+    Dwarf,
 }
 
 /// Output formats of `memtrace diff`.

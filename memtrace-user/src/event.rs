@@ -6,9 +6,9 @@
 //! filter, attribute or symbolize.
 
 use memtrace_common::{
-    AllocFn, AllocRecord, EVENT_ABI, ExecRecord, ForkRecord, FreeRecord, Header, KmemOp,
-    KmemRecord, MAX_FRAMES, OomRecord, RSS_FAULT, RSS_SAMPLED, RecordKind, RssMember, RssRecord,
-    VmOp, VmRecord,
+    AllocFn, AllocRecord, AllocStackRecord, EVENT_ABI, ExecRecord, ForkRecord, FreeRecord, Header,
+    KmemOp, KmemRecord, MAX_FRAMES, OomRecord, RSS_FAULT, RSS_SAMPLED, RecordKind, RssMember,
+    RssRecord, STACK_COPY, VmOp, VmRecord,
 };
 
 /// One thing a traced process did.
@@ -352,6 +352,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let pid = header.tgid;
     match RecordKind::from_u16(header.kind) {
         Some(RecordKind::Alloc) => decode_alloc(bytes),
+        Some(RecordKind::AllocStack) => decode_alloc_stack(bytes),
         Some(RecordKind::Free) => {
             let rec: FreeRecord = read(bytes)?;
             Ok(Event::Free {
@@ -434,16 +435,38 @@ fn decode_alloc(bytes: &[u8]) -> Result<Event, DecodeError> {
     let stack = (0..nframes)
         .map(|i| read_u64_at(bytes, FIXED + 8 * i))
         .collect();
+    Ok(alloc_event(
+        &header,
+        addr,
+        size,
+        old,
+        entry_ts_ns,
+        func,
+        stack,
+    ))
+}
+
+/// The event of an allocator function's return; `realloc(old, 0)` that
+/// freed `old` is a free.
+fn alloc_event(
+    header: &Header,
+    addr: u64,
+    size: u64,
+    old: u64,
+    entry_ts_ns: u64,
+    func: AllocFn,
+    stack: Vec<u64>,
+) -> Event {
     let pid = header.tgid;
     if addr == 0 {
         // realloc(old, 0): the kernel side only sends this when it freed old.
-        return Ok(Event::Free {
+        return Event::Free {
             pid,
             ts_ns: header.ts_ns,
             addr: old,
-        });
+        };
     }
-    Ok(Event::Alloc(Alloc {
+    Event::Alloc(Alloc {
         pid,
         tid: header.tid,
         ts_ns: header.ts_ns,
@@ -453,7 +476,77 @@ fn decode_alloc(bytes: &[u8]) -> Result<Event, DecodeError> {
         func,
         old_addr: (func.is_realloc() && old != 0).then_some(old),
         stack,
-    }))
+    })
+}
+
+/// An [`AllocStackRecord`] as an event whose stack is empty: the session
+/// fills it in by unwinding the copy [`raw_stack`] gives.
+fn decode_alloc_stack(bytes: &[u8]) -> Result<Event, DecodeError> {
+    // Checks the lengths.
+    raw_stack(bytes)?;
+    let header: Header = read(bytes)?;
+    let field = |offset: usize| read_u64_at(bytes, offset);
+    let at = std::mem::offset_of!(AllocStackRecord, func);
+    let func_raw = u16::from_ne_bytes([bytes[at], bytes[at + 1]]);
+    let func = AllocFn::from_u16(func_raw).ok_or(DecodeError::Func(func_raw))?;
+    Ok(alloc_event(
+        &header,
+        field(std::mem::offset_of!(AllocStackRecord, addr)),
+        field(std::mem::offset_of!(AllocStackRecord, size)),
+        field(std::mem::offset_of!(AllocStackRecord, old_addr)),
+        field(std::mem::offset_of!(AllocStackRecord, entry_ts_ns)),
+        func,
+        Vec::new(),
+    ))
+}
+
+/// A user stack copied by the kernel side, for user space to unwind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawStack<'a> {
+    /// The return address into the allocator's caller.
+    pub rip: u64,
+    /// The caller's stack pointer: where `bytes` start.
+    pub rsp: u64,
+    /// The caller's `rbp`.
+    pub rbp: u64,
+    /// The stack from `rsp` up.
+    pub bytes: &'a [u8],
+}
+
+/// The copied stack of an [`AllocStackRecord`]; an error for a record of
+/// another kind.
+pub fn raw_stack(bytes: &[u8]) -> Result<RawStack<'_>, DecodeError> {
+    const FIXED: usize = AllocStackRecord::FIXED_LEN;
+    let header: Header = read(bytes)?;
+    if header.kind != RecordKind::AllocStack as u16 {
+        return Err(DecodeError::Kind(header.kind));
+    }
+    if bytes.len() < FIXED {
+        return Err(DecodeError::Truncated {
+            got: bytes.len(),
+            need: FIXED,
+        });
+    }
+    let at = std::mem::offset_of!(AllocStackRecord, stack_len);
+    let len = u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+    if len > STACK_COPY {
+        return Err(DecodeError::Field {
+            what: "stack length",
+            value: len as u64,
+        });
+    }
+    let stack = bytes
+        .get(FIXED..FIXED + len)
+        .ok_or(DecodeError::Truncated {
+            got: bytes.len(),
+            need: FIXED + len,
+        })?;
+    Ok(RawStack {
+        rip: read_u64_at(bytes, std::mem::offset_of!(AllocStackRecord, rip)),
+        rsp: read_u64_at(bytes, std::mem::offset_of!(AllocStackRecord, rsp)),
+        rbp: read_u64_at(bytes, std::mem::offset_of!(AllocStackRecord, rbp)),
+        bytes: stack,
+    })
 }
 
 /// Reads a variable-length record: its fixed part as `T` (whose trailing

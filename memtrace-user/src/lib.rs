@@ -48,3 +48,4 @@ pub mod session;
 pub mod symbolize;
 pub mod target;
 pub mod tracefs;
+pub mod unwind;

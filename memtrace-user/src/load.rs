@@ -73,6 +73,22 @@ pub struct KernelOptions {
     /// Follow the children of traced processes (`--follow-forks`): the
     /// allocator probes then go on every process, filtered by pid in eBPF.
     pub follow_forks: bool,
+    /// Which processes send a copy of their stack for user space to unwind
+    /// ([`Tracer::unwind_in_user_space`]).
+    pub copied_stacks: CopiedStacks,
+}
+
+/// Which processes' allocation stacks the kernel side copies, for user
+/// space to unwind with DWARF, instead of walking their frame pointers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CopiedStacks {
+    /// None.
+    #[default]
+    None,
+    /// Those named with [`Tracer::unwind_in_user_space`].
+    Listed,
+    /// Every process.
+    All,
 }
 
 /// The eBPF object, built by build.rs from memtrace-ebpf.
@@ -113,6 +129,8 @@ pub struct Tracer {
     links: Vec<UProbeLink>,
     tracepoint_links: Vec<TracePointLink>,
     traced: BpfHashMap<MapData, u32, u8>,
+    /// Processes whose stacks are copied, and their main stacks' tops.
+    dwarf: BpfHashMap<MapData, u32, u64>,
 }
 
 fn load_error(name: &str, e: &ProgramError) -> UserError {
@@ -160,10 +178,16 @@ impl Tracer {
             tracefs::check(&tracefs_root, tracefs::FORK_FIELDS)?;
         }
         let follow_forks = opts.follow_forks as u8;
+        let unwind: u8 = match opts.copied_stacks {
+            CopiedStacks::None => 0,
+            CopiedStacks::All => 1,
+            CopiedStacks::Listed => 2,
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global("SELF_TGID", &self_tgid, true)
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("FOLLOW_FORKS", &follow_forks, true)
+            .override_global("UNWIND", &unwind, true)
             .override_global("FAULT_SAMPLE", &fault_sample, true)
             .override_global("WAKE_BYTES", &wake_bytes, true)
             .map_max_entries("EVENTS", ringbuf_bytes)
@@ -199,6 +223,11 @@ impl Tracer {
                 .ok_or_else(|| internal("TRACED", "map missing"))?,
         )
         .map_err(|e| internal("TRACED", e))?;
+        let dwarf = BpfHashMap::try_from(
+            ebpf.take_map("DWARF")
+                .ok_or_else(|| internal("DWARF", "map missing"))?,
+        )
+        .map_err(|e| internal("DWARF", e))?;
         let stats = opts.probe_cost.then(run_time_stats).transpose()?;
         let mut tracer = Self {
             ebpf,
@@ -208,6 +237,7 @@ impl Tracer {
             links: Vec::new(),
             tracepoint_links: Vec::new(),
             traced,
+            dwarf,
         };
         tracer.attach_tracepoints(TRACEPOINTS)?;
         if opts.kernel_allocations {
@@ -248,6 +278,25 @@ impl Tracer {
                 "memtrace follows at most 16384 processes by pid; trace the whole system instead",
             )
         })
+    }
+
+    /// Has the kernel side copy the allocation stacks of process `pid` for
+    /// user space to unwind (with [`CopiedStacks::Listed`]). `stack_top`:
+    /// the end of its main thread's stack, where the copy stops (0 when
+    /// unknown).
+    pub fn unwind_in_user_space(&mut self, pid: u32, stack_top: u64) -> Result<()> {
+        self.dwarf.insert(pid, stack_top, 0).map_err(|e| {
+            UserError::new(
+                format!("cannot have the stacks of pid {pid} copied: {e}"),
+                "memtrace unwinds at most 16384 processes by DWARF; use --unwind fp",
+            )
+        })
+    }
+
+    /// Has the kernel side walk the frame pointers of process `pid` again.
+    pub fn unwind_by_frame_pointers(&mut self, pid: u32) {
+        // Absent already, most often.
+        let _ = self.dwarf.remove(&pid);
     }
 
     /// Probes the allocator functions of `lib`, for the given process only

@@ -18,11 +18,11 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::agg::{Aggregator, Config, SizeFilter};
 use crate::attach::{self, LibKind, Library};
-use crate::cli::{CountArgs, TargetArgs, TraceArgs};
+use crate::cli::{CountArgs, TargetArgs, TraceArgs, Unwind};
 use crate::error::{Result, UserError};
 use crate::event::{self, Event, VmCall};
 use crate::guard::Guard;
-use crate::load::{KernelOptions, Tracer};
+use crate::load::{CopiedStacks, KernelOptions, Tracer};
 use crate::output::{self, Inputs};
 use crate::probing::Probing;
 use crate::record::writer::Recorder;
@@ -30,6 +30,7 @@ use crate::record::{Meta, ProbesMeta, Start};
 use crate::report::{self, Ledger, Probes, SelfUsage};
 use crate::symbolize::Symbols;
 use crate::target::{self, GatedChild};
+use crate::unwind::{self, StackUnwinder};
 
 /// Records handled between two looks at timers and signals.
 const BATCH: usize = 16 * 1024;
@@ -65,12 +66,29 @@ struct State {
     system_wide: bool,
     /// `--follow-forks`: the trace lasts while a followed child runs.
     follow_forks: bool,
+    /// Walks the stacks the kernel side copies (`--unwind dwarf`).
+    unwinder: StackUnwinder,
+    /// `--unwind auto`: a process that execs is unwound as its new program
+    /// needs.
+    unwind_auto: bool,
+    /// Some process's stacks may be copied: the unwinder reads mappings
+    /// whenever a process has new ones, while it lives.
+    copying: bool,
 }
 
 impl State {
     fn handle(&mut self, bytes: &[u8]) {
         match event::decode(bytes) {
-            Ok(ev) => self.apply(&ev),
+            Ok(mut ev) => {
+                // A copied stack: its frames are found here, before anything
+                // (the recording too) sees the event.
+                if let Event::Alloc(a) = &mut ev
+                    && let Ok(raw) = event::raw_stack(bytes)
+                {
+                    a.stack = self.unwinder.unwind(a.pid, &raw);
+                }
+                self.apply(&ev)
+            }
             Err(_) => self.decode_errors += 1,
         }
     }
@@ -79,6 +97,10 @@ impl State {
         // Not about memory: the session acts on it (see `probing`).
         if let Event::Loaded { pid, .. } = ev {
             self.symbols.maps_changed(*pid);
+            // It waits, stopped, for this.
+            if self.copying {
+                self.unwinder.refresh(*pid);
+            }
             self.relook.push(ev.clone());
             return;
         }
@@ -89,6 +111,9 @@ impl State {
         } = ev
         {
             self.symbols.fork(*parent, *pid, comm.as_deref());
+            if self.copying {
+                self.unwinder.fork(*parent, *pid);
+            }
         }
         if !self.symbols.knows(ev.pid()) && !matches!(ev, Event::Exit { .. }) {
             self.symbols.observe(ev.pid(), &[]);
@@ -112,10 +137,17 @@ impl State {
             }
         }
         match ev {
-            Event::Vm(v) if maps_code(&v.call) => self.symbols.maps_changed(v.pid),
+            Event::Vm(v) if maps_code(&v.call) => {
+                self.symbols.maps_changed(v.pid);
+                self.unwinder.maps_changed(v.pid);
+            }
+            Event::Exit { pid, .. } => self.unwinder.forget(*pid),
             Event::Oom(o) => self.oom_victims.push(o.pid),
             Event::Exec { pid, comm, .. } => {
                 self.symbols.exec(*pid, comm.as_deref());
+                if self.copying {
+                    self.unwinder.refresh(*pid);
+                }
                 if !self.system_wide {
                     self.relook.push(ev.clone());
                 }
@@ -133,6 +165,15 @@ impl State {
             return;
         }
         for ev in self.relook.drain(..) {
+            if let Event::Exec { pid, .. } = ev
+                && self.unwind_auto
+            {
+                // A new program, a new main stack, perhaps other code. A
+                // failure leaves the process as it was: frames stay right
+                // where its code has frame pointers.
+                let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
+                let _ = choose_unwind(tracer, pid, &exe, unwind::main_stack_top(pid));
+            }
             probing.note(&ev);
         }
         probing.settle(tracer);
@@ -179,6 +220,29 @@ fn maps_code(call: &VmCall) -> bool {
         VmCall::Mmap { prot, .. } => *prot & libc::PROT_EXEC as u32 != 0,
         VmCall::Mremap { .. } => true,
         _ => false,
+    }
+}
+
+/// `--unwind auto` for one process running the program at `exe`: its
+/// stacks copied for DWARF unwinding when the program's code lacks frame
+/// pointers, else walked by them. Returns whether they are copied.
+fn choose_unwind(tracer: &mut Tracer, pid: u32, exe: &std::path::Path, top: u64) -> Result<bool> {
+    if unwind::frame_pointers(exe) {
+        tracer.unwind_by_frame_pointers(pid);
+        Ok(false)
+    } else {
+        tracer.unwind_in_user_space(pid, top)?;
+        Ok(true)
+    }
+}
+
+/// How the kernel side takes the targets' stacks (`--unwind`), and which
+/// processes it copies them for, as the loader needs it.
+fn copied_stacks(args: &TargetArgs) -> CopiedStacks {
+    match (args.unwind, args.system_wide()) {
+        (Unwind::Fp, _) | (Unwind::Auto, true) => CopiedStacks::None,
+        (Unwind::Dwarf, true) => CopiedStacks::All,
+        (Unwind::Dwarf | Unwind::Auto, false) => CopiedStacks::Listed,
     }
 }
 
@@ -384,8 +448,30 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
             kernel_allocations: target_args.kernel,
             probe_cost: target_args.probe_cost,
             follow_forks: target_args.follow_forks,
+            copied_stacks: copied_stacks(target_args),
         },
     )?;
+    if copied_stacks(target_args) == CopiedStacks::Listed {
+        let targets = target_args.pids.iter().map(|&p| {
+            (
+                p,
+                std::path::PathBuf::from(format!("/proc/{p}/exe")),
+                unwind::main_stack_top(p),
+            )
+        });
+        // The command's main stack is not there yet: it comes at its exec.
+        let command = child
+            .as_ref()
+            .and_then(|c| Some((c.pid, attach::program_path(&target_args.command[0])?, 0)));
+        for (pid, exe, top) in targets.chain(command) {
+            match target_args.unwind {
+                Unwind::Dwarf => tracer.unwind_in_user_space(pid, top)?,
+                _ => {
+                    choose_unwind(&mut tracer, pid, &exe, top)?;
+                }
+            }
+        }
+    }
     for pid in target_args
         .pids
         .iter()
@@ -437,7 +523,15 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         relook: Vec::new(),
         system_wide: target_args.system_wide(),
         follow_forks: target_args.follow_forks,
+        unwinder: StackUnwinder::new(),
+        unwind_auto: target_args.unwind == Unwind::Auto && !target_args.system_wide(),
+        copying: copied_stacks(target_args) != CopiedStacks::None,
     };
+    if state.copying {
+        for &pid in &target_args.pids {
+            state.unwinder.refresh(pid);
+        }
+    }
     for &pid in &target_args.pids {
         state.symbols.observe(pid, &[]);
         // What is resident already: the kernel reports only changes.
@@ -633,6 +727,13 @@ struct Snapshot {
     duration_s: f64,
 }
 
+/// The DWARF walks that stopped short, for the report's list of what was
+/// not seen; nothing when no stack was copied.
+fn unwind_losses(u: &StackUnwinder) -> Option<(&'static str, u64)> {
+    let stats = u.stats();
+    (stats.stacks > 0).then_some((unwind::STACKS_CUT, stats.cut))
+}
+
 impl Snapshot {
     /// `start_ns`: when memtrace began, before attaching (probes fire
     /// from the first attach on, so that is when tracing began).
@@ -645,6 +746,7 @@ impl Snapshot {
                     .iter()
                     .filter(|(c, _)| *c != Counter::Calls)
                     .map(|(c, v)| (c.name(), *v))
+                    .chain(unwind_losses(&state.unwinder))
                     .collect(),
                 decode_errors: state.decode_errors,
                 traced_calls: counters

@@ -130,6 +130,35 @@ pub mod cxx {
     ];
 }
 
+/// `fixtures/nofp_fixture.cpp` (-O2, no frame pointers): `leak_leaf`
+/// allocates for three callers, one of them through glibc's `pthread_once`.
+pub mod nofp {
+    use super::*;
+
+    pub const CALLER_A: Site = leaked(6, 1000);
+    pub const CALLER_B: Site = leaked(4, 3000);
+    /// `once_body`, called by `pthread_once` in libc.
+    pub const CALLER_VIA_LIBC: Site = leaked(3, 500);
+    pub const LEAK_LEAF: Site = Site {
+        live_bytes: 6 * 1000 + 4 * 3000 + 3 * 500,
+        live_count: 6 + 4 + 3,
+        total_bytes: 6 * 1000 + 4 * 3000 + 3 * 500,
+        total_count: 6 + 4 + 3,
+    };
+    /// 100 × { malloc(64); free }.
+    pub const CHURN_CALLER: Site = freed(100, 100 * 64);
+
+    pub const SITES: &[(&str, Site)] = &[
+        ("leak_leaf", LEAK_LEAF),
+        ("caller_a", CALLER_A),
+        ("caller_b", CALLER_B),
+        ("once_body", CALLER_VIA_LIBC),
+        ("caller_via_libc", CALLER_VIA_LIBC),
+        ("churn_leaf", CHURN_CALLER),
+        ("churn_caller", CHURN_CALLER),
+    ];
+}
+
 /// `fixtures/rust_fixture.rs`.
 pub mod rust {
     use super::*;

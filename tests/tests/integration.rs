@@ -29,6 +29,7 @@ mod recording;
 mod resident;
 mod shutdown;
 mod system_wide;
+mod unwind;
 
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 

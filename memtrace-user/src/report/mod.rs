@@ -534,7 +534,8 @@ pub struct StackReport {
 /// Counters of what was not seen, gathered outside the aggregator.
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
-    /// The kernel side's counters, by name.
+    /// The loss counters, by name: the kernel side's, and the DWARF
+    /// unwinder's ([`crate::unwind::STACKS_CUT`]) when it walked any stack.
     pub kernel: Vec<(&'static str, u64)>,
     /// Records that could not be decoded.
     pub decode_errors: u64,
