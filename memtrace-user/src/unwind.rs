@@ -454,11 +454,11 @@ mod tests {
         assert!(frame_pointers(&std::env::current_exe().unwrap()));
     }
 
-    /// Walks this test's own stack, copied as the kernel side copies a
-    /// caller's: through this crate's frames (which have frame pointers, but
-    /// the walk uses CFI) and libc's start-up code (which has none).
-    #[test]
-    fn unwinds_its_own_stack_to_the_thread_start() {
+    /// This thread's `rip` (just past the asm), `rsp` and `rbp`, and a
+    /// copy of its stack from `rsp` up, taken at once as the kernel side
+    /// takes a caller's.
+    #[inline(never)]
+    fn snapshot() -> (u64, u64, u64, Vec<u8>) {
         let (rip, rsp, rbp): (u64, u64, u64);
         // SAFETY: reads this thread's registers into locals.
         unsafe {
@@ -471,9 +471,9 @@ mod tests {
                 bp = out(reg) rbp,
             );
         }
-        let pid = std::process::id();
-        let maps = maps::read(pid).unwrap();
-        // `maps::read` keeps file mappings only; the stack is anonymous.
+        // The stack's end: the top of its mapping (anonymous, which
+        // `maps::read` leaves out). Nothing below allocates on the stack
+        // past what the copy reads.
         let text = std::fs::read_to_string("/proc/self/maps").unwrap();
         let top = text
             .lines()
@@ -488,6 +488,17 @@ mod tests {
         let len = (top - rsp).min(16384) as usize;
         // SAFETY: [rsp, rsp + len) is inside the stack's mapping.
         let copy = unsafe { std::slice::from_raw_parts(rsp as *const u8, len) }.to_vec();
+        (rip, rsp, rbp, copy)
+    }
+
+    /// Walks this test's own stack: through this crate's frames (which
+    /// have frame pointers, but the walk uses CFI) and libc's thread
+    /// start-up code (which has none).
+    #[test]
+    fn unwinds_its_own_stack_to_the_thread_start() {
+        let (rip, rsp, rbp, copy) = snapshot();
+        let pid = std::process::id();
+        let maps = maps::read(pid).unwrap();
         let mut u = StackUnwinder::new();
         // `rip` is an instruction here, not a return address: +1 makes the
         // lookup at rip - 1 land on it.
