@@ -380,3 +380,36 @@ fn memory_view_from_a_recording_equals_live() {
         TOUCHED_BYTES - 16
     );
 }
+
+/// The coverage meter: 64 MiB malloc'd and written are nearly all of the
+/// process's anonymous memory; 64 MiB of its own mmap, written, are memory
+/// memtrace never saw allocated, and the meter says so.
+#[test]
+fn coverage_meter_shows_what_tracing_did_not_see() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let coverage = |mode: &str| {
+        let report = trace(&[], fixture("mem_fixture"), &[mode, "64"]);
+        let p = process_by_comm(&report, COMM);
+        let r = &p["resident"];
+        let pct = r["coverage_pct"].as_f64().expect("coverage_pct");
+        let traced = r["traced_anon_bytes"].as_u64().expect("traced_anon_bytes");
+        let anon = r["anon_bytes"].as_u64().expect("anon_bytes");
+        (pct, traced, anon)
+    };
+    let (pct, traced, anon) = coverage("hog");
+    assert!(
+        traced >= 64 << 20,
+        "64 MiB written after malloc: {traced} traced of {anon}"
+    );
+    assert!(pct >= 90.0, "hog: {pct}% of {anon} anon bytes");
+    let (pct, traced, anon) = coverage("mmap-touch");
+    assert!(
+        anon >= 64 << 20,
+        "64 MiB written in its own mapping: {anon} anon"
+    );
+    assert!(traced < 1 << 20, "mmap-touch: {traced} traced bytes");
+    assert!(pct <= 5.0, "mmap-touch: {pct}% of {anon} anon bytes");
+}

@@ -6,7 +6,10 @@
 //!    malloc+free, sizes 16..4096), ns per pair, untraced, under the floor
 //!    (memtrace's probe points with empty programs: `probe_floor`), under
 //!    memtrace (exact mode) and under bpftrace running the classic
-//!    memleak-style script. Modes alternate within each repetition; medians.
+//!    memleak-style script, and under memtrace with `--unwind dwarf` (the
+//!    caller's stack copied and walked with `.eh_frame`: what a program
+//!    without frame pointers costs). Modes alternate within each
+//!    repetition; medians.
 //!    Then one more pair of runs with the kernel's BPF statistics on
 //!    (`--probe-cost`): how long each program runs per call, floor and
 //!    exact side by side, which is what exact mode adds to the traps.
@@ -221,7 +224,9 @@ struct Cost {
     floor: f64,
     exact: f64,
     bpftrace: f64,
-    runs: Vec<[f64; 4]>,
+    /// memtrace with `--unwind dwarf`.
+    dwarf: f64,
+    runs: Vec<[f64; 5]>,
     pairs: u64,
 }
 
@@ -238,6 +243,7 @@ impl Cost {
             ("floor (memtrace's probes, empty programs)", self.floor),
             ("memtrace exact", self.exact),
             ("bpftrace memleak-style script", self.bpftrace),
+            ("memtrace exact, --unwind dwarf", self.dwarf),
         ] {
             s.push_str(&format!(
                 "| {name} | {v:.0} | {:.1}x | {:.2}x | {:.2}x |\n",
@@ -246,13 +252,20 @@ impl Cost {
                 v / self.bpftrace
             ));
         }
-        s.push_str("\nEvery run (untraced, floor, exact, bpftrace), ns per pair:\n\n");
+        s.push_str(
+            "\nEvery run (untraced, floor, exact, bpftrace, exact with --unwind dwarf), ns per pair:\n\n",
+        );
         for r in &self.runs {
             s.push_str(&format!(
-                "- {:.0}, {:.0}, {:.0}, {:.0}\n",
-                r[0], r[1], r[2], r[3]
+                "- {:.0}, {:.0}, {:.0}, {:.0}, {:.0}\n",
+                r[0], r[1], r[2], r[3], r[4]
             ));
         }
+        s.push_str(
+            "\nWith --unwind dwarf each allocation sends the caller's stack (up to 16 KiB; here the \
+             loop runs a few frames below the main stack's top, so a few hundred bytes) and memtrace \
+             walks it with the binaries' .eh_frame.\n",
+        );
         s
     }
 }
@@ -267,7 +280,8 @@ fn cost(bins: &Bins, opts: &Options) -> anyhow::Result<Cost> {
         let floor = pairs_under_floor(bins, opts.pairs)?;
         let exact = pairs_under_memtrace(bins, opts.pairs)?;
         let bpftrace = pairs_under_bpftrace(bins, &script, opts.pairs)?;
-        runs.push([untraced, floor, exact, bpftrace]);
+        let dwarf = pairs_under_memtrace_with(bins, opts.pairs, &["--unwind", "dwarf"])?;
+        runs.push([untraced, floor, exact, bpftrace, dwarf]);
     }
     let col = |i: usize| median(&runs.iter().map(|r| r[i]).collect::<Vec<_>>());
     Ok(Cost {
@@ -275,6 +289,7 @@ fn cost(bins: &Bins, opts: &Options) -> anyhow::Result<Cost> {
         floor: col(1),
         exact: col(2),
         bpftrace: col(3),
+        dwarf: col(4),
         runs,
         pairs: opts.pairs,
     })
@@ -614,8 +629,15 @@ fn counted(report: &serde_json::Value, function: &str) -> anyhow::Result<(u64, u
 }
 
 fn pairs_under_memtrace(bins: &Bins, pairs: u64) -> anyhow::Result<f64> {
+    pairs_under_memtrace_with(bins, pairs, &[])
+}
+
+/// [`pairs_under_memtrace`] with more memtrace arguments.
+fn pairs_under_memtrace_with(bins: &Bins, pairs: u64, extra: &[&str]) -> anyhow::Result<f64> {
     let n = pairs.to_string();
-    let (report, line, _) = under_memtrace(bins, &["--top", "0"], &["pairs", &n])?;
+    let mut args = vec!["--top", "0"];
+    args.extend_from_slice(extra);
+    let (report, line, _) = under_memtrace(bins, &args, &["pairs", &n])?;
     let truth = result_line(&line)?;
     let (count, bytes, lost) = counted(&report, "pair_loop")?;
     ensure!(

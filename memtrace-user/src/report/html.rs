@@ -640,13 +640,16 @@ impl Page<'_> {
 fn resident_line(r: &ResidentSummary, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
-        "<p>Resident: {} (anon {}, file {}, shmem {}; swap {}; peak {}).</p>",
+        "<p>Resident: {} (anon {}, file {}, shmem {}; swap {}; peak {}). Coverage: traced \
+         allocations hold {:.1}% of anon ({}).</p>",
         bytes(r.resident_bytes),
         bytes(r.anon_bytes),
         bytes(r.file_bytes),
         bytes(r.shmem_bytes),
         bytes(r.swap_bytes),
-        bytes(r.peak_resident_bytes)
+        bytes(r.peak_resident_bytes),
+        r.coverage_pct,
+        bytes(r.traced_anon_bytes)
     )
 }
 
@@ -825,6 +828,8 @@ mod tests {
             shmem_bytes: 0,
             swap_bytes: 4096,
             peak_resident_bytes: 9 << 20,
+            traced_anon_bytes: 400_000,
+            coverage_pct: 6.4,
         });
         p.memory = Some(MemoryReport {
             resident_known: true,

@@ -16,7 +16,7 @@ use crate::report::{Options, top};
 use crate::symbolize::{Frame, Symbolize};
 
 /// Resident memory of a process, always reported when known.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct ResidentSummary {
     /// Resident bytes: file + anon + shmem (VmRSS).
     pub resident_bytes: u64,
@@ -30,6 +30,14 @@ pub struct ResidentSummary {
     pub swap_bytes: u64,
     /// Highest resident total seen.
     pub peak_resident_bytes: u64,
+    /// Anonymous resident bytes that traced allocations hold: live blocks
+    /// on pages the program touched while traced.
+    pub traced_anon_bytes: u64,
+    /// The coverage meter: `traced_anon_bytes` as a percentage of
+    /// `anon_bytes`. Low when the process allocates through something
+    /// memtrace does not see (an allocator it found no symbols for, its own
+    /// mmaps, a runtime's heap), or held its memory before tracing began.
+    pub coverage_pct: f64,
 }
 
 impl ResidentSummary {
@@ -37,13 +45,20 @@ impl ResidentSummary {
     pub fn of(p: &Process) -> Option<Self> {
         use memtrace_common::RssMember::*;
         let m = &p.mem;
-        m.has_rss().then(|| ResidentSummary {
+        if !m.has_rss() {
+            return None;
+        }
+        let anon_bytes = m.rss_of(Anon);
+        let traced_anon_bytes = p.explain().allocated_resident.min(anon_bytes);
+        Some(ResidentSummary {
             resident_bytes: m.resident(),
-            anon_bytes: m.rss_of(Anon),
+            anon_bytes,
             file_bytes: m.rss_of(File),
             shmem_bytes: m.rss_of(Shmem),
             swap_bytes: m.rss_of(Swap),
             peak_resident_bytes: m.peak_rss.0,
+            traced_anon_bytes,
+            coverage_pct: coverage_pct(traced_anon_bytes, anon_bytes),
         })
     }
 }
@@ -410,7 +425,16 @@ pub(crate) const EXPLAINED: [Line; 13] = [
     (1, "by the allocator", "arenas and large blocks the allocator mapped", false, |e| e.mapped_by_allocator),
 ];
 
-/// The one-line resident summary under a process header.
+/// `part` as a percentage of `whole`, one decimal; 0 of nothing.
+fn coverage_pct(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        return 0.0;
+    }
+    (1000.0 * part as f64 / whole as f64).round() / 10.0
+}
+
+/// The one-line resident summary under a process header, and the coverage
+/// meter.
 pub fn render_summary(r: &ResidentSummary, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
@@ -421,6 +445,18 @@ pub fn render_summary(r: &ResidentSummary, out: &mut dyn Write) -> io::Result<()
         human(r.shmem_bytes),
         human(r.swap_bytes),
         human(r.peak_resident_bytes),
+    )?;
+    writeln!(
+        out,
+        "  coverage: traced allocations hold {:.1}% of anon ({} of {}){}",
+        r.coverage_pct,
+        human(r.traced_anon_bytes),
+        human(r.anon_bytes),
+        if r.coverage_pct < 50.0 && r.anon_bytes >= 4 << 20 {
+            "; the rest is memory memtrace did not see allocated (see --view memory)"
+        } else {
+            ""
+        }
     )
 }
 
