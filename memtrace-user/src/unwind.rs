@@ -383,19 +383,36 @@ pub fn frame_pointers(path: &Path) -> bool {
         if seen == 400 {
             break;
         }
-        if sym.kind() != SymbolKind::Text || !sym.is_definition() || sym.size() < 16 {
+        if sym.kind() != SymbolKind::Text
+            || !sym.is_definition()
+            || sym.size() < 16
+            || sym.name().is_ok_and(|n| TOOLCHAIN.contains(&n))
+        {
             continue;
         }
-        let Some(code) = code_at(&file, &data, sym.address(), 16) else {
+        let Some(code) = code_at(&file, &data, sym.address(), sym.size().min(48)) else {
             continue;
         };
         seen += 1;
         with += usize::from(frame_prologue(code));
     }
-    // Linkers and runtimes add a few functions of their own (`_start`,
-    // crt's), built without.
     seen > 0 && with * 4 >= seen * 3
 }
+
+/// Functions the toolchain's start-up files add to every program, built
+/// without frame pointers whatever the program's flags: in a small program
+/// they would outnumber its own.
+const TOOLCHAIN: &[&str] = &[
+    "_start",
+    "_init",
+    "_fini",
+    "deregister_tm_clones",
+    "register_tm_clones",
+    "__do_global_dtors_aux",
+    "frame_dummy",
+    "__libc_csu_init",
+    "__libc_csu_fini",
+];
 
 /// `len` bytes of code at virtual address `addr`.
 fn code_at<'d>(file: &object::File<'d>, data: &'d [u8], addr: u64, len: u64) -> Option<&'d [u8]> {
@@ -409,12 +426,29 @@ fn code_at<'d>(file: &object::File<'d>, data: &'d [u8], addr: u64, len: u64) -> 
     })
 }
 
-/// Whether `code` starts with a frame-pointer prologue.
+/// Whether `code` starts with a frame-pointer prologue: `push %rbp`, then
+/// `mov %rsp,%rbp` within the next few instructions (the compiler schedules
+/// others between them). Code without frame pointers may save `rbp` too,
+/// as any callee-saved register, but never points it at the stack.
 fn frame_prologue(code: &[u8]) -> bool {
-    // endbr64
-    let code = code.strip_prefix(&[0xf3, 0x0f, 0x1e, 0xfa]).unwrap_or(code);
-    // push %rbp; mov %rsp,%rbp (either encoding)
-    code.starts_with(&[0x55, 0x48, 0x89, 0xe5]) || code.starts_with(&[0x55, 0x48, 0x8b, 0xec])
+    use iced_x86::{Code, Decoder, DecoderOptions, Register};
+    let mut pushed = false;
+    let mut decoder = Decoder::new(64, code, DecoderOptions::NONE);
+    for insn in decoder.iter().take(8) {
+        match insn.code() {
+            Code::Push_r64 if insn.op0_register() == Register::RBP => pushed = true,
+            Code::Mov_r64_rm64 | Code::Mov_rm64_r64
+                if pushed
+                    && insn.op0_register() == Register::RBP
+                    && insn.op1_register() == Register::RSP =>
+            {
+                return true;
+            }
+            Code::INVALID => return false,
+            _ => {}
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -439,6 +473,10 @@ mod tests {
     #[test]
     fn prologues_with_and_without_frame_pointers() {
         assert!(frame_prologue(&[0x55, 0x48, 0x89, 0xe5, 0x90]));
+        // push %rbp; shr %rsi; mov %rsp,%rbp (scheduled apart)
+        assert!(frame_prologue(&[0x55, 0x48, 0xd1, 0xee, 0x48, 0x89, 0xe5]));
+        // push %rbp; push %rbx (rbp saved as a callee-saved register)
+        assert!(!frame_prologue(&[0x55, 0x53, 0x48, 0x83, 0xec, 0x08, 0x90, 0x90]));
         assert!(frame_prologue(&[
             0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5
         ]));

@@ -146,3 +146,26 @@ fn dwarf_on_code_with_frame_pointers_is_exact_too() {
         assert_site(p, function, site);
     }
 }
+
+/// `auto` on a program built with frame pointers (small, so the start-up
+/// files' functions, built without, are a good part of it): the kernel
+/// side walks them, nothing is copied.
+#[test]
+fn auto_walks_frame_pointers_where_the_program_keeps_them() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let output = Memtrace::spawn_cmd(REPORT_ARGS, fixture("alloc_fixture"), [] as [&str; 0]).wait();
+    output.assert_status(0);
+    let report = output.json();
+    assert!(
+        report["lost"].get("stacks_cut").is_none(),
+        "no stack copied: {}",
+        report["lost"]
+    );
+    let p = process_by_comm(&report, "alloc_fixture");
+    for &(function, site) in c::SITES {
+        assert_site(p, function, site);
+    }
+}
