@@ -588,15 +588,10 @@ fn emit_alloc_stack(
     };
     // SAFETY: this CPU's scratch slot; programs do not migrate mid-run.
     let rec = unsafe { &mut *rec };
-    rec.header = Header {
-        version: EVENT_ABI,
-        kind: RecordKind::AllocStack as u16,
-        tgid,
-        tid,
-        _reserved: 0,
-        // SAFETY: helper without preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-    };
+    rec.header = header(
+        RecordKind::AllocStack,
+        (u64::from(tgid) << 32) | u64::from(tid),
+    );
     rec.addr = addr;
     rec.size = call.size;
     rec.old_addr = old_addr;

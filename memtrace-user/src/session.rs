@@ -68,9 +68,10 @@ struct State {
     follow_forks: bool,
     /// Walks the stacks the kernel side copies (`--unwind dwarf`).
     unwinder: StackUnwinder,
-    /// `--unwind auto`: a process that execs is unwound as its new program
-    /// needs.
-    unwind_auto: bool,
+    /// `--unwind`, when processes are listed for copied stacks: one that
+    /// execs gets its new main stack's top, and with `auto` is unwound as
+    /// its new program needs.
+    listed_unwind: Option<Unwind>,
     /// Some process's stacks may be copied: the unwinder reads mappings
     /// whenever a process has new ones, while it lives.
     copying: bool,
@@ -165,14 +166,18 @@ impl State {
             return;
         }
         for ev in self.relook.drain(..) {
-            if let Event::Exec { pid, .. } = ev
-                && self.unwind_auto
-            {
+            if let Event::Exec { pid, .. } = ev {
                 // A new program, a new main stack, perhaps other code. A
                 // failure leaves the process as it was: frames stay right
-                // where its code has frame pointers.
+                // where its code has frame pointers, and the copy stops at
+                // an unreadable page where it does not know the top.
+                let top = unwind::main_stack_top(pid);
                 let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
-                let _ = choose_unwind(tracer, pid, &exe, unwind::main_stack_top(pid));
+                let _ = match self.listed_unwind {
+                    Some(Unwind::Auto) => choose_unwind(tracer, pid, &exe, top).map(drop),
+                    Some(Unwind::Dwarf) => tracer.unwind_in_user_space(pid, top),
+                    _ => Ok(()),
+                };
             }
             probing.note(&ev);
         }
@@ -524,7 +529,8 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         system_wide: target_args.system_wide(),
         follow_forks: target_args.follow_forks,
         unwinder: StackUnwinder::new(),
-        unwind_auto: target_args.unwind == Unwind::Auto && !target_args.system_wide(),
+        listed_unwind: (copied_stacks(target_args) == CopiedStacks::Listed)
+            .then_some(target_args.unwind),
         copying: copied_stacks(target_args) != CopiedStacks::None,
     };
     if state.copying {
