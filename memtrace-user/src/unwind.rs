@@ -365,11 +365,12 @@ pub fn main_stack_top(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether the program at `path` keeps frame pointers, by the prologues of
-/// its functions: most begin `push rbp; mov rbp, rsp` (after an `endbr64`)
-/// when built with them. Looks at up to 400 function symbols; a program
-/// without any (stripped) is taken to lack them, as a distribution's
-/// optimized build does.
+/// Whether the program at `path` keeps frame pointers, by the prologue of
+/// its `main` (`push rbp; mov rbp, rsp` when built with them): main is the
+/// program's own code, built with its flags, where a static binary's other
+/// functions are mostly its C library's. Without a `main` symbol, by most of
+/// up to 400 functions. A program without symbols (stripped) is taken to
+/// lack them, as a distribution's optimized build does.
 pub fn frame_pointers(path: &Path) -> bool {
     let Ok(data) = std::fs::read(path) else {
         return false;
@@ -377,24 +378,29 @@ pub fn frame_pointers(path: &Path) -> bool {
     let Ok(file) = object::File::parse(&*data) else {
         return false;
     };
+    let prologue = |sym: &object::Symbol<'_, '_>| {
+        code_at(&file, &data, sym.address(), sym.size().min(48)).map(frame_prologue)
+    };
+    let functions = || {
+        file.symbols()
+            .chain(file.dynamic_symbols())
+            .filter(|sym| sym.kind() == SymbolKind::Text && sym.is_definition() && sym.size() >= 16)
+    };
+    if let Some(main) = functions().find(|s| s.name() == Ok("main"))
+        && let Some(fp) = prologue(&main)
+    {
+        return fp;
+    }
     let mut with = 0usize;
     let mut seen = 0usize;
-    for sym in file.symbols().chain(file.dynamic_symbols()) {
-        if seen == 400 {
-            break;
+    for sym in functions()
+        .filter(|s| !s.name().is_ok_and(|n| TOOLCHAIN.contains(&n)))
+        .take(400)
+    {
+        if let Some(fp) = prologue(&sym) {
+            seen += 1;
+            with += usize::from(fp);
         }
-        if sym.kind() != SymbolKind::Text
-            || !sym.is_definition()
-            || sym.size() < 16
-            || sym.name().is_ok_and(|n| TOOLCHAIN.contains(&n))
-        {
-            continue;
-        }
-        let Some(code) = code_at(&file, &data, sym.address(), sym.size().min(48)) else {
-            continue;
-        };
-        seen += 1;
-        with += usize::from(frame_prologue(code));
     }
     seen > 0 && with * 4 >= seen * 3
 }
@@ -476,7 +482,9 @@ mod tests {
         // push %rbp; shr %rsi; mov %rsp,%rbp (scheduled apart)
         assert!(frame_prologue(&[0x55, 0x48, 0xd1, 0xee, 0x48, 0x89, 0xe5]));
         // push %rbp; push %rbx (rbp saved as a callee-saved register)
-        assert!(!frame_prologue(&[0x55, 0x53, 0x48, 0x83, 0xec, 0x08, 0x90, 0x90]));
+        assert!(!frame_prologue(&[
+            0x55, 0x53, 0x48, 0x83, 0xec, 0x08, 0x90, 0x90
+        ]));
         assert!(frame_prologue(&[
             0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5
         ]));
