@@ -746,6 +746,7 @@ mod tests {
         assert_eq!(RecordKind::from_u16(2), Some(RecordKind::Free));
         assert_eq!(RecordKind::from_u16(9), Some(RecordKind::Fork));
         assert_eq!(RecordKind::from_u16(10), Some(RecordKind::Loaded));
-        assert_eq!(RecordKind::from_u16(11), None);
+        assert_eq!(RecordKind::from_u16(11), Some(RecordKind::AllocStack));
+        assert_eq!(RecordKind::from_u16(12), None);
     }
 }
