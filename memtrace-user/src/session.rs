@@ -173,11 +173,9 @@ impl State {
                 // an unreadable page where it does not know the top.
                 let top = unwind::main_stack_top(pid);
                 let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
-                let _ = match self.listed_unwind {
-                    Some(Unwind::Auto) => choose_unwind(tracer, pid, &exe, top).map(drop),
-                    Some(Unwind::Dwarf) => tracer.unwind_in_user_space(pid, top),
-                    _ => Ok(()),
-                };
+                if let Some(mode) = self.listed_unwind {
+                    let _ = choose_unwind(tracer, mode, pid, &exe, top);
+                }
             }
             probing.note(&ev);
         }
@@ -228,17 +226,42 @@ fn maps_code(call: &VmCall) -> bool {
     }
 }
 
-/// `--unwind auto` for one process running the program at `exe`: its
-/// stacks copied for DWARF unwinding when the program's code lacks frame
-/// pointers, else walked by them. Returns whether they are copied.
-fn choose_unwind(tracer: &mut Tracer, pid: u32, exe: &std::path::Path, top: u64) -> Result<bool> {
-    if unwind::frame_pointers(exe) {
+/// How the stacks of one process running the program at `exe` are taken,
+/// with processes listed for copied stacks: copied for DWARF unwinding with
+/// `--unwind dwarf`, and with `auto` when the program's code lacks frame
+/// pointers; else walked by them. `top`: its main stack's end (0 unknown).
+fn choose_unwind(
+    tracer: &mut Tracer,
+    mode: Unwind,
+    pid: u32,
+    exe: &std::path::Path,
+    top: u64,
+) -> Result<()> {
+    if mode == Unwind::Fp || (mode == Unwind::Auto && unwind::frame_pointers(exe)) {
         tracer.unwind_by_frame_pointers(pid);
-        Ok(false)
+        Ok(())
     } else {
-        tracer.unwind_in_user_space(pid, top)?;
-        Ok(true)
+        tracer.unwind_in_user_space(pid, top)
     }
+}
+
+/// Lists the targets whose stacks are copied (with [`CopiedStacks::Listed`]).
+fn list_for_unwinding(
+    tracer: &mut Tracer,
+    args: &TargetArgs,
+    child: Option<&GatedChild>,
+) -> Result<()> {
+    let targets = args.pids.iter().map(|&p| {
+        let exe = std::path::PathBuf::from(format!("/proc/{p}/exe"));
+        (p, Some(exe), unwind::main_stack_top(p))
+    });
+    // The command's main stack is not there yet: it comes at its exec.
+    let command = child.map(|c| (c.pid, attach::program_path(&args.command[0]), 0));
+    for (pid, exe, top) in targets.chain(command) {
+        let exe = exe.unwrap_or_default();
+        choose_unwind(tracer, args.unwind, pid, &exe, top)?;
+    }
+    Ok(())
 }
 
 /// How the kernel side takes the targets' stacks (`--unwind`), and which
@@ -445,6 +468,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         Some(target::spawn_gated(&target_args.command)?)
     };
     let plan = plan(target_args, child.as_ref())?;
+    let copied_stacks = copied_stacks(target_args);
     let mut tracer = Tracer::load(
         target_args.ringbuf_size << 20,
         KernelOptions {
@@ -453,29 +477,11 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
             kernel_allocations: target_args.kernel,
             probe_cost: target_args.probe_cost,
             follow_forks: target_args.follow_forks,
-            copied_stacks: copied_stacks(target_args),
+            copied_stacks,
         },
     )?;
-    if copied_stacks(target_args) == CopiedStacks::Listed {
-        let targets = target_args.pids.iter().map(|&p| {
-            (
-                p,
-                std::path::PathBuf::from(format!("/proc/{p}/exe")),
-                unwind::main_stack_top(p),
-            )
-        });
-        // The command's main stack is not there yet: it comes at its exec.
-        let command = child
-            .as_ref()
-            .and_then(|c| Some((c.pid, attach::program_path(&target_args.command[0])?, 0)));
-        for (pid, exe, top) in targets.chain(command) {
-            match target_args.unwind {
-                Unwind::Dwarf => tracer.unwind_in_user_space(pid, top)?,
-                _ => {
-                    choose_unwind(&mut tracer, pid, &exe, top)?;
-                }
-            }
-        }
+    if copied_stacks == CopiedStacks::Listed {
+        list_for_unwinding(&mut tracer, target_args, child.as_ref())?;
     }
     for pid in target_args
         .pids
@@ -529,9 +535,8 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         system_wide: target_args.system_wide(),
         follow_forks: target_args.follow_forks,
         unwinder: StackUnwinder::new(),
-        listed_unwind: (copied_stacks(target_args) == CopiedStacks::Listed)
-            .then_some(target_args.unwind),
-        copying: copied_stacks(target_args) != CopiedStacks::None,
+        listed_unwind: (copied_stacks == CopiedStacks::Listed).then_some(target_args.unwind),
+        copying: copied_stacks != CopiedStacks::None,
     };
     if state.copying {
         for &pid in &target_args.pids {
