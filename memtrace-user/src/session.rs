@@ -348,6 +348,11 @@ fn plan(args: &TargetArgs, child: Option<&GatedChild>) -> Result<Vec<(Library, O
         else {
             continue;
         };
+        // memtrace's own allocator (its binary's, linked in): the programs
+        // skip memtrace, so its probes would only cost time.
+        if pid == std::process::id() {
+            continue;
+        }
         for lib in attach::libraries_of(pid).unwrap_or_default() {
             if lib.kind != LibKind::Loader && !libs.iter().any(|l| l.id == lib.id) {
                 libs.push(lib);
