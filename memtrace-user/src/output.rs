@@ -179,5 +179,6 @@ pub fn ledger_of(c: &Counters) -> Ledger {
         probe_cost: Vec::new(),
         // Not recorded yet: a recording's ledger has the totals only.
         lost_sites: Vec::new(),
+        dwarf: Default::default(),
     }
 }

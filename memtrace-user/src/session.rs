@@ -772,6 +772,18 @@ impl Snapshot {
                 probe_cost: tracer.probe_cost(),
                 lost_sites: tracer.lost_sites(),
                 memtrace: Some(SelfUsage::now()),
+                dwarf: state
+                    .unwinder
+                    .stats_by_pid()
+                    .iter()
+                    .map(|(&pid, s)| {
+                        let walks = report::DwarfWalks {
+                            stacks: s.stacks,
+                            cut: s.cut,
+                        };
+                        (pid, walks)
+                    })
+                    .collect(),
             },
             now_ns,
             duration_s: now_ns.saturating_sub(start_ns) as f64 / 1e9,

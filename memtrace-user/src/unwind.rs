@@ -17,7 +17,7 @@
 //! Not here: which processes are unwound this way ([`frame_pointers`] is the
 //! `auto` test; the choice is the session's), symbolization.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -79,6 +79,8 @@ pub struct StackUnwinder {
     files: HashMap<(String, u64), Option<FileCfi>>,
     cache: CacheX86_64,
     stats: UnwindStats,
+    /// The walks of each process.
+    by_pid: BTreeMap<u32, UnwindStats>,
 }
 
 impl Default for StackUnwinder {
@@ -95,6 +97,7 @@ impl StackUnwinder {
             files: HashMap::new(),
             cache: CacheX86_64::new(),
             stats: UnwindStats::default(),
+            by_pid: BTreeMap::new(),
         }
     }
 
@@ -103,10 +106,24 @@ impl StackUnwinder {
         self.stats
     }
 
+    /// The walks so far, by process.
+    pub fn stats_by_pid(&self) -> &BTreeMap<u32, UnwindStats> {
+        &self.by_pid
+    }
+
     /// The return addresses of `stack`, innermost (the allocator's caller)
     /// first, at most [`MAX_FRAMES`].
     pub fn unwind(&mut self, pid: u32, stack: &RawStack<'_>) -> Vec<u64> {
-        self.stats.stacks += 1;
+        let (frames, complete) = self.unwind_once(pid, stack);
+        for s in [&mut self.stats, self.by_pid.entry(pid).or_default()] {
+            s.stacks += 1;
+            s.cut += u64::from(!complete);
+        }
+        frames
+    }
+
+    /// [`Self::unwind`], and whether the walk reached the outermost frame.
+    fn unwind_once(&mut self, pid: u32, stack: &RawStack<'_>) -> (Vec<u64>, bool) {
         if self.procs.get(&pid).is_none_or(|p| p.stale) {
             self.load(pid);
         }
@@ -120,12 +137,9 @@ impl StackUnwinder {
         });
         if unknown && self.procs[&pid].read_at.elapsed() >= MAPS_FRESH {
             self.load(pid);
-            let (frames, complete) = self.walk(pid, stack);
-            self.stats.cut += u64::from(!complete);
-            return frames;
+            return self.walk(pid, stack);
         }
-        self.stats.cut += u64::from(!complete);
-        frames
+        (frames, complete)
     }
 
     /// Reads the process's mappings now, while it lives (at the loader's

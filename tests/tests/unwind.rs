@@ -44,6 +44,10 @@ fn assert_unwound(report: &Value, p: &Value) {
     for &(function, site) in nofp::SITES {
         assert_site(p, function, site);
     }
+    // The process says how its stacks were walked: every allocation's.
+    let walks = &p["dwarf"];
+    assert_eq!(walks["stacks"], p["total_count"], "{walks}");
+    assert_eq!(walks["cut"], 0, "{walks}");
     for (leaf, callers) in [
         ("caller_a", &["leak_leaf", "caller_a", "work", "main"][..]),
         ("caller_b", &["leak_leaf", "caller_b", "work", "main"]),
@@ -102,6 +106,7 @@ fn frame_pointers_alone_lose_the_callers() {
         report["lost"].get("stacks_cut").is_none(),
         "no stack copied"
     );
+    assert!(p.get("dwarf").is_none(), "walked by frame pointers");
 }
 
 /// A process traced by PID: its mappings are read at once, and the walk

@@ -283,6 +283,11 @@ pub struct ProcessReport {
     /// it made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<LostReport>,
+    /// Its stacks were copied and walked by DWARF call frame information
+    /// (`--unwind dwarf`, or `auto` for its program); absent when walked by
+    /// frame pointers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dwarf: Option<DwarfWalks>,
     /// Distribution of the sizes allocated.
     pub sizes: SizeSummary,
     /// Stacks shown (after `--top` and `--older-than`).
@@ -548,6 +553,18 @@ pub struct Ledger {
     pub lost_sites: Vec<LostSite>,
     /// What memtrace itself used (from a recording: when it was made).
     pub memtrace: Option<SelfUsage>,
+    /// Processes whose stacks were walked by DWARF, and how those walks
+    /// went (not kept in recordings).
+    pub dwarf: BTreeMap<u32, DwarfWalks>,
+}
+
+/// The stacks of one process walked by DWARF (`--unwind`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DwarfWalks {
+    /// Stacks copied and walked.
+    pub stacks: u64,
+    /// Of which stopped before the outermost frame.
+    pub cut: u64,
 }
 
 /// memtrace's own footprint, so a report shows what tracing cost.
@@ -672,6 +689,7 @@ pub fn build(
     for p in &mut processes {
         if seen.insert(p.pid) {
             p.lost = lost_report(p.pid, ledger, sym, opts);
+            p.dwarf = ledger.dwarf.get(&p.pid).copied();
         }
     }
     let mut lost: BTreeMap<&'static str, u64> = ledger.kernel.iter().copied().collect();
@@ -810,6 +828,7 @@ fn process_report(
         unknown_frees: p.unknown_frees,
         missed_frees: p.missed_frees,
         lost: None,
+        dwarf: None,
         sizes: SizeSummary::of(p),
         stacks,
         stacks_omitted: omitted,

@@ -137,6 +137,14 @@ fn process_header(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     if let Some(r) = &p.resident {
         memory::render_summary(r, out)?;
     }
+    if let Some(d) = &p.dwarf {
+        writeln!(
+            out,
+            "  stacks: walked by DWARF call frame information ({} stacks, {} cut short)",
+            group(d.stacks),
+            group(d.cut)
+        )?;
+    }
     if let Some(l) = &p.lost {
         lost_lines(l, out)?;
     }
@@ -739,6 +747,7 @@ pub(crate) mod tests {
             probe_cost: Vec::new(),
             lost_sites: Vec::new(),
             memtrace: None,
+            dwarf: Default::default(),
         };
         let probes = [Probes {
             module: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
@@ -878,6 +887,7 @@ pub(crate) mod tests {
                 peak_rss_bytes: 48 << 20,
                 cpu_seconds: 1.254,
             }),
+            dwarf: [(42, super::super::DwarfWalks { stacks: 12, cut: 1 })].into(),
             ..Ledger::default()
         };
         let r = build(&agg, &ledger, &[], &mut table, &Options::default());
@@ -894,6 +904,12 @@ pub(crate) mod tests {
             "{text}"
         );
         assert!(text.contains("      leak_big\n      main\n"), "{text}");
+        assert!(
+            text.contains(
+                "  stacks: walked by DWARF call frame information (12 stacks, 1 cut short)\n"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("not seen: decode_errors=0 missed_frees=0 ringbuf_full=0 stack_lost=0 unknown_frees=0"),
             "{text}"
