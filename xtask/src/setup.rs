@@ -27,8 +27,10 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 
 /// Debian packages builds and tests need: gcc and g++ build the C and C++
 /// fixtures (and gcc links), libc6-dev has the static libc for the static
-/// fixture, util-linux has setpriv.
-const DEBIAN_PACKAGES: &[&str] = &["gcc", "g++", "libc6-dev", "util-linux"];
+/// fixture, util-linux has setpriv, make builds the jemalloc of the Rust
+/// fixture under tikv-jemallocator (even `cargo clippy` runs its build
+/// script).
+const DEBIAN_PACKAGES: &[&str] = &["gcc", "g++", "libc6-dev", "util-linux", "make"];
 
 /// Debian packages only the tests need: `go tool pprof` reads memtrace's
 /// pprof output, headless Chromium renders its HTML report, python3 runs
