@@ -230,8 +230,10 @@ pub fn program_libraries(program: &str) -> Vec<Library> {
         return Vec::new();
     };
     let mut out: Vec<Library> = library_at(&path).into_iter().collect();
-    let interp = std::fs::read(&path).ok().and_then(|data| {
-        let file = object::File::parse(&*data).ok()?;
+    // Headers and one section: not the whole program.
+    let interp = std::fs::File::open(&path).ok().and_then(|f| {
+        let cache = object::ReadCache::new(f);
+        let file = object::File::parse(&cache).ok()?;
         let bytes = file.section_by_name(".interp")?.data().ok()?;
         let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
         Some(PathBuf::from(std::str::from_utf8(&bytes[..end]).ok()?))
@@ -366,13 +368,7 @@ fn sites_in<'d, R: object::ReadRef<'d>>(
     wants: &[Want],
 ) -> (Vec<Site>, Vec<String>) {
     let addr_of = symbol_map(file);
-    let to_offset = |vaddr: u64| {
-        file.segments().find_map(|seg| {
-            let (file_off, file_len) = seg.file_range();
-            let start = seg.address();
-            (vaddr >= start && vaddr < start + file_len).then(|| vaddr - start + file_off)
-        })
-    };
+    let to_offset = |vaddr: u64| file_offset(file, vaddr);
     let mut sites: Vec<Site> = Vec::new();
     let mut missing = Vec::new();
     for w in wants {
@@ -404,6 +400,19 @@ fn sites_in<'d, R: object::ReadRef<'d>>(
         }
     }
     (sites, missing)
+}
+
+/// The offset in the file of virtual address `vaddr`, if a loaded segment
+/// holds it in the file.
+pub(crate) fn file_offset<'d, R: object::ReadRef<'d>>(
+    file: &object::File<'d, R>,
+    vaddr: u64,
+) -> Option<u64> {
+    file.segments().find_map(|seg| {
+        let (file_off, file_len) = seg.file_range();
+        let start = seg.address();
+        (vaddr >= start && vaddr < start + file_len).then(|| vaddr - start + file_off)
+    })
 }
 
 /// What to probe in a library; fails when a required function is missing.

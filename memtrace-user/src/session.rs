@@ -68,13 +68,13 @@ struct State {
     follow_forks: bool,
     /// Walks the stacks the kernel side copies (`--unwind dwarf`).
     unwinder: StackUnwinder,
-    /// `--unwind`, when processes are listed for copied stacks: one that
-    /// execs gets its new main stack's top, and with `auto` is unwound as
-    /// its new program needs.
-    listed_unwind: Option<Unwind>,
-    /// Some process's stacks may be copied: the unwinder reads mappings
-    /// whenever a process has new ones, while it lives.
-    copying: bool,
+    /// `--unwind`.
+    unwind: Unwind,
+    /// Which processes' stacks are copied. With any, the unwinder reads a
+    /// process's mappings whenever it has new ones, while it lives; with
+    /// listed ones, one that execs gets its new main stack's top, and with
+    /// `auto` is unwound as its new program needs.
+    copied_stacks: CopiedStacks,
 }
 
 impl State {
@@ -99,7 +99,7 @@ impl State {
         if let Event::Loaded { pid, .. } = ev {
             self.symbols.maps_changed(*pid);
             // It waits, stopped, for this.
-            if self.copying {
+            if self.copied_stacks != CopiedStacks::None {
                 self.unwinder.refresh(*pid);
             }
             self.relook.push(ev.clone());
@@ -112,7 +112,7 @@ impl State {
         } = ev
         {
             self.symbols.fork(*parent, *pid, comm.as_deref());
-            if self.copying {
+            if self.copied_stacks != CopiedStacks::None {
                 self.unwinder.fork(*parent, *pid);
             }
         }
@@ -146,7 +146,7 @@ impl State {
             Event::Oom(o) => self.oom_victims.push(o.pid),
             Event::Exec { pid, comm, .. } => {
                 self.symbols.exec(*pid, comm.as_deref());
-                if self.copying {
+                if self.copied_stacks != CopiedStacks::None {
                     self.unwinder.refresh(*pid);
                 }
                 if !self.system_wide {
@@ -173,8 +173,8 @@ impl State {
                 // an unreadable page where it does not know the top.
                 let top = unwind::main_stack_top(pid);
                 let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
-                if let Some(mode) = self.listed_unwind {
-                    let _ = choose_unwind(tracer, mode, pid, &exe, top);
+                if self.copied_stacks == CopiedStacks::Listed {
+                    let _ = choose_unwind(tracer, self.unwind, pid, &exe, top);
                 }
             }
             probing.note(&ev);
@@ -540,10 +540,10 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         system_wide: target_args.system_wide(),
         follow_forks: target_args.follow_forks,
         unwinder: StackUnwinder::new(),
-        listed_unwind: (copied_stacks == CopiedStacks::Listed).then_some(target_args.unwind),
-        copying: copied_stacks != CopiedStacks::None,
+        unwind: target_args.unwind,
+        copied_stacks,
     };
-    if state.copying {
+    if copied_stacks != CopiedStacks::None {
         for &pid in &target_args.pids {
             state.unwinder.refresh(pid);
         }

@@ -386,14 +386,19 @@ pub fn main_stack_top(pid: u32) -> u64 {
 /// up to 400 functions. A program without symbols (stripped) is taken to
 /// lack them, as a distribution's optimized build does.
 pub fn frame_pointers(path: &Path) -> bool {
-    let Ok(data) = std::fs::read(path) else {
+    let Ok(f) = std::fs::File::open(path) else {
         return false;
     };
-    let Ok(file) = object::File::parse(&*data) else {
+    // Reads the headers, the symbol tables and the prologues looked at, not
+    // the whole program (asked again at every exec).
+    let cache = object::ReadCache::new(f);
+    let Ok(file) = object::File::parse(&cache) else {
         return false;
     };
-    let prologue = |sym: &object::Symbol<'_, '_>| {
-        code_at(&file, &data, sym.address(), sym.size().min(48)).map(frame_prologue)
+    let prologue = |sym: &object::Symbol<'_, '_, &object::ReadCache<std::fs::File>>| {
+        let at = crate::attach::file_offset(&file, sym.address())?;
+        let code = object::ReadRef::read_bytes_at(&cache, at, sym.size().min(48)).ok()?;
+        Some(frame_prologue(code))
     };
     let functions = || {
         file.symbols()
@@ -433,18 +438,6 @@ const TOOLCHAIN: &[&str] = &[
     "__libc_csu_init",
     "__libc_csu_fini",
 ];
-
-/// `len` bytes of code at virtual address `addr`.
-fn code_at<'d>(file: &object::File<'d>, data: &'d [u8], addr: u64, len: u64) -> Option<&'d [u8]> {
-    file.segments().find_map(|seg| {
-        let (off, size) = seg.file_range();
-        let start = seg.address();
-        (addr >= start && addr + len <= start + size).then(|| {
-            let at = (addr - start + off) as usize;
-            data.get(at..at + len as usize)
-        })?
-    })
-}
 
 /// Whether `code` starts with a frame-pointer prologue: `push %rbp`, then
 /// `mov %rsp,%rbp` within the next few instructions (the compiler schedules
