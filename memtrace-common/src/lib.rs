@@ -14,7 +14,7 @@
 
 /// Version of the record layout. The loader refuses an eBPF object that
 /// speaks another version.
-pub const EVENT_ABI: u16 = 6;
+pub const EVENT_ABI: u16 = 7;
 
 /// Deepest user stack a record carries (the kernel's default
 /// `perf_event_max_stack`).
@@ -79,6 +79,9 @@ pub enum RecordKind {
     /// An [`AllocStackRecord`]: an allocator function returned in a process
     /// whose stacks user space unwinds with DWARF CFI (`--unwind dwarf`).
     AllocStack = 11,
+    /// A [`PyStackRecord`]: the Python frames of the thread whose allocation
+    /// record follows it (CPython processes listed in the `PYTHON` map).
+    PyStack = 12,
 }
 
 impl RecordKind {
@@ -96,6 +99,7 @@ impl RecordKind {
             9 => Some(Self::Fork),
             10 => Some(Self::Loaded),
             11 => Some(Self::AllocStack),
+            12 => Some(Self::PyStack),
             _ => None,
         }
     }
@@ -135,11 +139,19 @@ pub enum AllocFn {
     /// Rust's `__rust_realloc(ptr, old_size, align, new_size)`: a realloc
     /// whose new size is the fourth argument.
     RustRealloc = 12,
+    /// CPython's `PyObject_Malloc(size)` or `PyMem_Malloc(size)`: its own
+    /// allocator (pymalloc serves blocks of up to 512 bytes from its arenas;
+    /// larger ones come from `malloc`, nested and so not counted twice).
+    PyMalloc = 13,
+    /// `PyObject_Calloc(nelem, elsize)` or `PyMem_Calloc`.
+    PyCalloc = 14,
+    /// `PyObject_Realloc(ptr, size)` or `PyMem_Realloc`.
+    PyRealloc = 15,
 }
 
 impl AllocFn {
     /// Every allocator function, in wire order.
-    pub const ALL: [AllocFn; 12] = [
+    pub const ALL: [AllocFn; 15] = [
         Self::Malloc,
         Self::Calloc,
         Self::Realloc,
@@ -152,6 +164,9 @@ impl AllocFn {
         Self::OperatorNew,
         Self::Delete,
         Self::RustRealloc,
+        Self::PyMalloc,
+        Self::PyCalloc,
+        Self::PyRealloc,
     ];
 
     /// The function for a wire discriminant.
@@ -174,12 +189,24 @@ impl AllocFn {
             Self::OperatorNew => "operator new",
             Self::Delete => "operator delete",
             Self::RustRealloc => "__rust_realloc",
+            Self::PyMalloc => "PyObject_Malloc",
+            Self::PyCalloc => "PyObject_Calloc",
+            Self::PyRealloc => "PyObject_Realloc",
         }
     }
 
     /// Whether the call frees its pointer argument (the realloc family).
     pub fn is_realloc(self) -> bool {
-        matches!(self, Self::Realloc | Self::Reallocarray | Self::RustRealloc)
+        matches!(
+            self,
+            Self::Realloc | Self::Reallocarray | Self::RustRealloc | Self::PyRealloc
+        )
+    }
+
+    /// Whether the function is CPython's own allocator (`PyObject_*`,
+    /// `PyMem_*`), reported as a category of its own.
+    pub fn is_python(self) -> bool {
+        matches!(self, Self::PyMalloc | Self::PyCalloc | Self::PyRealloc)
     }
 }
 
@@ -267,6 +294,115 @@ impl AllocStackRecord {
     pub const FIXED_LEN: usize = core::mem::offset_of!(AllocStackRecord, stack);
 }
 
+/// Deepest Python stack a [`PyStackRecord`] carries.
+pub const MAX_PY_FRAMES: usize = 64;
+
+/// One frame of a Python stack, as the kernel side reads it from the
+/// interpreter's frame chain. User space resolves `code` (a `PyCodeObject`
+/// address) to a function and file by reading the process's memory, and
+/// `lasti` to a line with the code object's line table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyFrame {
+    /// Address of the frame's code object.
+    pub code: u64,
+    /// Index (in code units) of the instruction the frame last ran, from
+    /// the start of its bytecode; `u32::MAX` when it has run none.
+    pub lasti: u32,
+    /// The code object's `co_firstlineno` (bits 0-29), which tells a code
+    /// object from a later one at the same address; bit 31
+    /// ([`PY_FRAME_ENTRY`]) set when C code entered the interpreter at this
+    /// frame (one native `_PyEval_EvalFrameDefault` call runs this frame and
+    /// the frames it called without leaving the loop); bit 30
+    /// ([`PY_FRAME_SHIM`]) for a frame that runs no code of its own.
+    pub info: u32,
+}
+
+/// [`PyFrame::info`] bit: the frame was entered from C.
+pub const PY_FRAME_ENTRY: u32 = 1 << 31;
+
+/// [`PyFrame::info`] bit: the frame is the interpreter's shim for a call
+/// from C (3.12+), not Python code.
+pub const PY_FRAME_SHIM: u32 = 1 << 30;
+
+/// The Python frames of a thread, innermost first, written just before the
+/// record of the allocation they belong to (same thread, same `addr`).
+///
+/// Variable-length: [`PyStackRecord::FIXED_LEN`] bytes plus 16 per frame.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PyStackRecord {
+    /// Common header; `kind` is [`RecordKind::PyStack`].
+    pub header: Header,
+    /// The block the allocation record that follows returns, which pairs
+    /// the two (the allocation record may be lost to a full ring buffer).
+    pub addr: u64,
+    /// Number of valid entries in `frames`.
+    pub nframes: u16,
+    /// 1 when the chain went on past [`MAX_PY_FRAMES`] frames.
+    pub truncated: u16,
+    /// Zero, or a [`PyWalkError`] when no frame could be read.
+    pub err: u32,
+    /// Innermost (the running frame) first.
+    pub frames: [PyFrame; MAX_PY_FRAMES],
+}
+
+impl PyStackRecord {
+    /// Length of the record without frames.
+    pub const FIXED_LEN: usize = core::mem::offset_of!(PyStackRecord, frames);
+}
+
+/// Why a thread's Python stack could not be read (`PyStackRecord::err`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PyWalkError {
+    /// No thread state of the interpreter belongs to this thread (a thread
+    /// Python did not start and that never called into it).
+    NoThreadState = 1,
+    /// The interpreter's memory could not be read where the layout said.
+    Unreadable = 2,
+}
+
+/// Where one CPython version keeps what the frame walk reads, and where
+/// this process's interpreter is: the value of the kernel side's `PYTHON`
+/// map, keyed by process id. Offsets are in bytes; user space fills them
+/// from its per-version tables.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyConfig {
+    /// Address of `_PyRuntime` in the process.
+    pub runtime: u64,
+    /// `_PyRuntimeState.interpreters.head`.
+    pub runtime_interpreters_head: u32,
+    /// `PyInterpreterState.threads.head`.
+    pub interp_threads_head: u32,
+    /// `PyThreadState.next`.
+    pub tstate_next: u32,
+    /// `PyThreadState.native_thread_id`.
+    pub tstate_native_thread_id: u32,
+    /// `PyThreadState.cframe`.
+    pub tstate_cframe: u32,
+    /// `_PyCFrame.current_frame`.
+    pub cframe_current_frame: u32,
+    /// `_PyInterpreterFrame.f_code`.
+    pub frame_code: u32,
+    /// `_PyInterpreterFrame.previous`.
+    pub frame_previous: u32,
+    /// `_PyInterpreterFrame.prev_instr`.
+    pub frame_prev_instr: u32,
+    /// `_PyInterpreterFrame.is_entry` (a byte).
+    pub frame_is_entry: u32,
+    /// `_PyInterpreterFrame.owner` (a byte).
+    pub frame_owner: u32,
+    /// The `owner` value of a frame that is a C stack shim (3.12 and
+    /// later; 255 where there is none).
+    pub owner_cstack: u32,
+    /// `PyCodeObject.co_firstlineno`.
+    pub code_firstlineno: u32,
+    /// `PyCodeObject.co_code_adaptive`: where the bytecode starts.
+    pub code_bytecode: u32,
+}
+
 /// `free(addr)` was entered with a non-NULL pointer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -341,10 +477,14 @@ pub enum Counter {
     /// A child of a followed process (`--follow-forks`) was not followed:
     /// the table of traced processes was full.
     TracedFull = 9,
+    /// The Python stack of an allocation could not be written (the ring
+    /// buffer was full): the allocation, if recorded, shows native frames
+    /// only.
+    PyStackLost = 10,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTERS: u32 = 10;
+pub const COUNTERS: u32 = 11;
 
 /// Size of the table of processes traced by pid (`--pid`, a command, and
 /// the children followed with `--follow-forks`).
@@ -368,6 +508,7 @@ impl Counter {
         Self::KmemTableFull,
         Self::LostTableFull,
         Self::TracedFull,
+        Self::PyStackLost,
     ];
 
     /// The name used in reports (snake case, stable).
@@ -383,6 +524,7 @@ impl Counter {
             Self::KmemTableFull => "kmem_table_full",
             Self::LostTableFull => "lost_table_full",
             Self::TracedFull => "traced_full",
+            Self::PyStackLost => "python_stack_lost",
         }
     }
 }
@@ -733,6 +875,9 @@ mod tests {
         assert_eq!(KmemRecord::FIXED_LEN, 24 + 8 + 8 * 4);
         assert_eq!(size_of::<OomRecord>(), 24 + 8 * 6);
         assert_eq!(size_of::<VmInflight>(), 8 + 40);
+        assert_eq!(size_of::<PyFrame>(), 16);
+        assert_eq!(PyStackRecord::FIXED_LEN, 24 + 8 + 8);
+        assert_eq!(size_of::<PyConfig>(), 8 + 4 * 14);
     }
 
     #[test]
@@ -747,6 +892,7 @@ mod tests {
         assert_eq!(RecordKind::from_u16(9), Some(RecordKind::Fork));
         assert_eq!(RecordKind::from_u16(10), Some(RecordKind::Loaded));
         assert_eq!(RecordKind::from_u16(11), Some(RecordKind::AllocStack));
-        assert_eq!(RecordKind::from_u16(12), None);
+        assert_eq!(RecordKind::from_u16(12), Some(RecordKind::PyStack));
+        assert_eq!(RecordKind::from_u16(13), None);
     }
 }

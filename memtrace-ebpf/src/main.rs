@@ -24,6 +24,7 @@
 
 mod kmem;
 mod lifecycle;
+mod python;
 mod vm;
 
 use aya_ebpf::{
@@ -503,13 +504,17 @@ fn on_return(ctx: &RetProbeContext) -> u32 {
                 }
             }
         }
-        Some(AllocFn::Realloc | AllocFn::Reallocarray | AllocFn::RustRealloc) => (ret, call.arg),
+        Some(
+            AllocFn::Realloc | AllocFn::Reallocarray | AllocFn::RustRealloc | AllocFn::PyRealloc,
+        ) => (ret, call.arg),
         _ => (ret, 0),
     };
     // NULL is a failed allocation, except realloc(p, 0), which freed p.
     if addr == 0 && !(old_addr != 0 && call.size == 0) {
         return 0;
     }
+    // Before the allocation's own record, which user space pairs it with.
+    python::emit_py_stack(tgid, tid, addr);
     emit_alloc(ctx, tgid, tid, addr, old_addr, &call);
     0
 }
@@ -805,6 +810,25 @@ pub fn delete_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn rust_realloc_enter(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, AllocFn::RustRealloc, arg(&ctx, 3), arg(&ctx, 0))
+}
+
+/// CPython's `PyObject_Malloc(size)` and `PyMem_Malloc(size)`.
+#[uprobe]
+pub fn py_malloc_enter(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx, AllocFn::PyMalloc, arg(&ctx, 0), 0)
+}
+
+/// `PyObject_Calloc(nelem, elsize)` and `PyMem_Calloc`.
+#[uprobe]
+pub fn py_calloc_enter(ctx: ProbeContext) -> u32 {
+    let size = arg(&ctx, 0).wrapping_mul(arg(&ctx, 1));
+    on_entry(&ctx, AllocFn::PyCalloc, size, 0)
+}
+
+/// `PyObject_Realloc(ptr, size)` and `PyMem_Realloc`.
+#[uprobe]
+pub fn py_realloc_enter(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx, AllocFn::PyRealloc, arg(&ctx, 1), arg(&ctx, 0))
 }
 
 /// Benchmarks only (`cargo xtask bench`): programs that do nothing, put on

@@ -119,6 +119,22 @@ pub struct TargetArgs {
     #[arg(long, value_enum, default_value_t = Unwind::Auto)]
     pub unwind: Unwind,
 
+    /// Do not read Python frames. By default the stacks of a CPython
+    /// process (3.11) show the Python functions, files and lines that
+    /// allocated, in place of the interpreter's own frames; each allocation
+    /// then costs a walk of the thread's Python frames.
+    #[arg(long)]
+    pub no_python: bool,
+
+    /// Also trace CPython's own allocator (`PyObject_Malloc`, `Calloc`,
+    /// `Realloc`, `Free` and the `PyMem_` ones), whose small blocks come from
+    /// its arenas, not from `malloc`: each Python object is then counted
+    /// where it was made, as its own category (`PyObject_Malloc [python
+    /// allocator]` frames). Python makes objects by the million: this costs
+    /// a trap per object.
+    #[arg(long)]
+    pub python_allocators: bool,
+
     /// Where to write the report of a traced process the OOM killer chose
     /// [default: the current directory].
     #[arg(long, value_name = "DIR")]

@@ -402,8 +402,19 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 oom_score_adj: r.oom_score_adj,
             }))
         }
-        None => Err(DecodeError::Kind(header.kind)),
+        // Not an event of its own: the Python frames of the allocation
+        // record that follows (see `python`).
+        Some(RecordKind::PyStack) | None => Err(DecodeError::Kind(header.kind)),
     }
+}
+
+/// The kind of a record of this version, read from its header.
+pub fn kind(bytes: &[u8]) -> Option<RecordKind> {
+    let header: Header = read(bytes).ok()?;
+    if header.version != EVENT_ABI {
+        return None;
+    }
+    RecordKind::from_u16(header.kind)
 }
 
 fn decode_alloc(bytes: &[u8]) -> Result<Event, DecodeError> {

@@ -41,6 +41,7 @@ pub mod mem;
 pub mod output;
 pub mod probe_point;
 pub mod probing;
+pub mod python;
 pub mod record;
 pub mod replay;
 pub mod report;

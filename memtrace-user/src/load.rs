@@ -13,7 +13,7 @@ use aya::programs::{
     uprobe::{UProbeLink, UProbeScope},
 };
 use aya::{Ebpf, EbpfLoader};
-use memtrace_common::{AllocFn, Counter};
+use memtrace_common::{AllocFn, Counter, PyConfig};
 
 use crate::attach::{LibKind, Library, Site, display_name, sites_of};
 use crate::error::{Result, UserError};
@@ -76,6 +76,9 @@ pub struct KernelOptions {
     /// Which processes send a copy of their stack for user space to unwind
     /// ([`Tracer::unwind_in_user_space`]).
     pub copied_stacks: CopiedStacks,
+    /// Read the Python frames of the processes named with
+    /// [`Tracer::trace_python`] (off with `--no-python`).
+    pub python: bool,
 }
 
 /// Which processes' allocation stacks the kernel side copies, for user
@@ -110,6 +113,9 @@ fn entry_program(func: AllocFn) -> &'static str {
         AllocFn::Pvalloc => "pvalloc_enter",
         AllocFn::OperatorNew => "operator_new_enter",
         AllocFn::RustRealloc => "rust_realloc_enter",
+        AllocFn::PyMalloc => "py_malloc_enter",
+        AllocFn::PyCalloc => "py_calloc_enter",
+        AllocFn::PyRealloc => "py_realloc_enter",
     }
 }
 
@@ -131,7 +137,14 @@ pub struct Tracer {
     traced: BpfHashMap<MapData, u32, u8>,
     /// Processes whose stacks are copied, and their main stacks' tops.
     dwarf: BpfHashMap<MapData, u32, u64>,
+    /// CPython processes whose Python frames are read, with their
+    /// interpreter's layout (a `PyConfig`, as words: the map's value type
+    /// must be plain data to aya).
+    python: BpfHashMap<MapData, u32, [u64; PY_CONFIG_WORDS]>,
 }
+
+/// Size of a `PyConfig` in 8-byte words.
+const PY_CONFIG_WORDS: usize = std::mem::size_of::<PyConfig>() / 8;
 
 fn load_error(name: &str, e: &ProgramError) -> UserError {
     let what = match e {
@@ -183,11 +196,13 @@ impl Tracer {
             CopiedStacks::All => 1,
             CopiedStacks::Listed => 2,
         };
+        let python_on = opts.python as u8;
         let mut ebpf = EbpfLoader::new()
             .override_global("SELF_TGID", &self_tgid, true)
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("FOLLOW_FORKS", &follow_forks, true)
             .override_global("UNWIND", &unwind, true)
+            .override_global("PYTHON_ON", &python_on, true)
             .override_global("FAULT_SAMPLE", &fault_sample, true)
             .override_global("WAKE_BYTES", &wake_bytes, true)
             .map_max_entries("EVENTS", ringbuf_bytes)
@@ -228,6 +243,11 @@ impl Tracer {
                 .ok_or_else(|| internal("DWARF", "map missing"))?,
         )
         .map_err(|e| internal("DWARF", e))?;
+        let python = BpfHashMap::try_from(
+            ebpf.take_map("PYTHON")
+                .ok_or_else(|| internal("PYTHON", "map missing"))?,
+        )
+        .map_err(|e| internal("PYTHON", e))?;
         let stats = opts.probe_cost.then(run_time_stats).transpose()?;
         let mut tracer = Self {
             ebpf,
@@ -238,6 +258,7 @@ impl Tracer {
             tracepoint_links: Vec::new(),
             traced,
             dwarf,
+            python,
         };
         tracer.attach_tracepoints(TRACEPOINTS)?;
         if opts.kernel_allocations {
@@ -291,6 +312,25 @@ impl Tracer {
                 "memtrace unwinds at most 16384 processes by DWARF; use --unwind fp",
             )
         })
+    }
+
+    /// Has the kernel side send the Python frames of process `pid` with each
+    /// allocation, reading its interpreter as `config` says.
+    pub fn trace_python(&mut self, pid: u32, config: &PyConfig) -> Result<()> {
+        // SAFETY: `PyConfig` is `repr(C)`, without padding, a whole number
+        // of words long; any bytes make a valid array of words.
+        let words: [u64; PY_CONFIG_WORDS] = unsafe { std::mem::transmute_copy(config) };
+        self.python.insert(pid, words, 0).map_err(|e| {
+            UserError::new(
+                format!("cannot read the Python frames of pid {pid}: {e}"),
+                "memtrace reads the Python frames of at most 16384 processes; use --no-python",
+            )
+        })
+    }
+
+    /// Stops reading the Python frames of process `pid` (it exec'd).
+    pub fn untrace_python(&mut self, pid: u32) {
+        let _ = self.python.remove(&pid);
     }
 
     /// Has the kernel side walk the frame pointers of process `pid` again.

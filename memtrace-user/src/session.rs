@@ -11,7 +11,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
-use memtrace_common::Counter;
+use memtrace_common::{Counter, PyConfig, RecordKind};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
@@ -25,6 +25,7 @@ use crate::guard::Guard;
 use crate::load::{CopiedStacks, KernelOptions, Tracer};
 use crate::output::{self, Inputs};
 use crate::probing::Probing;
+use crate::python::{self, Python};
 use crate::record::writer::Recorder;
 use crate::record::{Meta, ProbesMeta, Start};
 use crate::report::{self, Ledger, Probes, SelfUsage};
@@ -75,10 +76,27 @@ struct State {
     /// listed ones, one that execs gets its new main stack's top, and with
     /// `auto` is unwound as its new program needs.
     copied_stacks: CopiedStacks,
+    /// Python frames: the interpreters found, stacks waiting for their
+    /// allocation (off with `--no-python`).
+    python: Option<Python>,
+    /// Processes that exec'd, to look at for an interpreter until one is
+    /// found or the time is up (it maps its `libpython` after the exec).
+    python_check: Vec<(u32, std::time::Instant)>,
 }
+
+/// How long after an exec memtrace looks for an interpreter the program
+/// loads.
+const PYTHON_CHECK: Duration = Duration::from_secs(2);
 
 impl State {
     fn handle(&mut self, bytes: &[u8]) {
+        if event::kind(bytes) == Some(RecordKind::PyStack) {
+            // The Python frames of the allocation that comes next.
+            if let Some(py) = &mut self.python {
+                py.record(bytes);
+            }
+            return;
+        }
         match event::decode(bytes) {
             Ok(mut ev) => {
                 // A copied stack: its frames are found here, before anything
@@ -87,6 +105,10 @@ impl State {
                     && let Ok(raw) = event::raw_stack(bytes)
                 {
                     a.stack = self.unwinder.unwind(a.pid, &raw);
+                }
+                // So are its Python frames.
+                if let (Event::Alloc(a), Some(py)) = (&mut ev, &mut self.python) {
+                    py.complete(&mut self.symbols.python, a.tid, a);
                 }
                 self.apply(&ev)
             }
@@ -142,9 +164,18 @@ impl State {
                 self.symbols.maps_changed(v.pid);
                 self.unwinder.maps_changed(v.pid);
             }
-            Event::Exit { pid, .. } => self.unwinder.forget(*pid),
+            Event::Exit { pid, .. } => {
+                self.unwinder.forget(*pid);
+                if let Some(py) = &mut self.python {
+                    py.forget(*pid);
+                }
+            }
             Event::Oom(o) => self.oom_victims.push(o.pid),
             Event::Exec { pid, comm, .. } => {
+                if let Some(py) = &mut self.python {
+                    py.forget(*pid);
+                    self.python_check.push((*pid, std::time::Instant::now()));
+                }
                 self.symbols.exec(*pid, comm.as_deref());
                 if self.copied_stacks != CopiedStacks::None {
                     self.unwinder.refresh(*pid);
@@ -162,10 +193,17 @@ impl State {
     /// map now, continues the stopped ones, and notes new probes in the
     /// recording.
     fn relook(&mut self, probing: &mut Probing, tracer: &mut Tracer) {
+        self.look_for_python(tracer);
         if self.relook.is_empty() {
             return;
         }
-        for ev in self.relook.drain(..) {
+        let events: Vec<Event> = self.relook.drain(..).collect();
+        for ev in events {
+            if let Event::Loaded { pid, .. } = ev {
+                // It mapped its libraries (libpython among them, perhaps),
+                // and waits.
+                self.find_python(tracer, pid);
+            }
             if let Event::Exec { pid, .. } = ev {
                 // A new program, a new main stack, perhaps other code. A
                 // failure leaves the process as it was: frames stay right
@@ -187,6 +225,56 @@ impl State {
                 probes: probing.probes().iter().map(ProbesMeta::from).collect(),
             });
         }
+    }
+
+    /// Looks for an interpreter in process `pid`; once found, its
+    /// allocations carry Python frames. Returns whether it was found.
+    fn find_python(&mut self, tracer: &mut Tracer, pid: u32) -> bool {
+        let Some(py) = &mut self.python else {
+            return false;
+        };
+        if py.knows(pid) {
+            return true;
+        }
+        let Ok(Some(interp)) = python::find::find(pid) else {
+            return false;
+        };
+        let traced = match interp.layout {
+            Some(layout) => {
+                let config = PyConfig {
+                    runtime: interp.runtime,
+                    ..layout.walk
+                };
+                tracer.trace_python(pid, &config).is_ok()
+            }
+            None => {
+                eprintln!(
+                    "memtrace: PID {pid} runs {}, whose frames memtrace cannot read (it knows CPython {}): its stacks show native frames only",
+                    interp.name(),
+                    python::layout::known_versions()
+                );
+                true
+            }
+        };
+        if traced {
+            py.add(pid, interp);
+        }
+        traced
+    }
+
+    /// Looks at the processes that exec'd lately for an interpreter.
+    fn look_for_python(&mut self, tracer: &mut Tracer) {
+        if self.python_check.is_empty() {
+            return;
+        }
+        let mut checks = std::mem::take(&mut self.python_check);
+        checks.retain(|&(pid, since)| {
+            !self.find_python(tracer, pid)
+                && since.elapsed() < PYTHON_CHECK
+                && !target::has_exited(pid)
+        });
+        checks.append(&mut self.python_check);
+        self.python_check = checks;
     }
 
     /// Handles up to `max` records; returns whether the ring is empty. The
@@ -483,6 +571,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
             probe_cost: target_args.probe_cost,
             follow_forks: target_args.follow_forks,
             copied_stacks,
+            python: !target_args.no_python,
         },
     )?;
     if copied_stacks == CopiedStacks::Listed {
@@ -542,7 +631,18 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         unwinder: StackUnwinder::new(),
         unwind: target_args.unwind,
         copied_stacks,
+        python: (!target_args.no_python).then(Python::default),
+        python_check: Vec::new(),
     };
+    // The interpreters running already (every one, tracing every process).
+    let running: Vec<u32> = if target_args.system_wide() {
+        target::all_pids()
+    } else {
+        target_args.pids.clone()
+    };
+    for pid in running {
+        state.find_python(&mut tracer, pid);
+    }
     if copied_stacks != CopiedStacks::None {
         for &pid in &target_args.pids {
             state.unwinder.refresh(pid);

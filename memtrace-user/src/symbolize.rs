@@ -29,6 +29,7 @@ use blazesym::MaybeDefault;
 use blazesym::symbolize::{self, source::Source};
 
 use crate::maps::{self, Mapping};
+use crate::python::is_python;
 
 /// Lowest kernel address (the kernel half of a 48-bit address space, on
 /// x86-64 and arm64); user addresses are below.
@@ -153,6 +154,9 @@ pub struct Symbols {
     kernel_cache: HashMap<u64, Vec<Frame>>,
     /// Loaded kernel modules, read once when first needed.
     kernel_modules: Option<Vec<KernelModule>>,
+    /// The Python code objects that Python frames' stand-in addresses
+    /// refer to ([`crate::python`]).
+    pub python: crate::python::Codes,
 }
 
 impl Default for Symbols {
@@ -176,6 +180,7 @@ impl Symbols {
             cache: HashMap::new(),
             kernel_cache: HashMap::new(),
             kernel_modules: None,
+            python: crate::python::Codes::default(),
         }
     }
 
@@ -202,7 +207,7 @@ impl Symbols {
         let covered = |p: &Proc| {
             stack
                 .iter()
-                .all(|&a| is_kernel(a) || maps::position(&p.maps, a).is_some())
+                .all(|&a| is_kernel(a) || is_python(a) || maps::position(&p.maps, a).is_some())
         };
         let p = &self.procs[&pid];
         if !covered(p) && !p.gone && (p.stale || p.read_at.elapsed() >= MAPS_FRESH) {
@@ -469,6 +474,10 @@ impl Symbolize for Symbols {
         for &addr in stack {
             if is_kernel(addr) {
                 out.extend(self.kernel_cache[&addr].iter().cloned());
+                continue;
+            }
+            if is_python(addr) {
+                out.push(self.python.frame(addr));
                 continue;
             }
             let hit = self.procs.get(&pid).and_then(|p| {

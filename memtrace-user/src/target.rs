@@ -107,6 +107,18 @@ pub fn resident_now(pid: u32, ts_ns: u64) -> Vec<crate::event::Event> {
     .collect()
 }
 
+/// Every process on the host but memtrace.
+pub fn all_pids() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id())
+        .collect()
+}
+
 /// Whether a process is gone: no `/proc` entry, or a zombie.
 pub fn has_exited(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

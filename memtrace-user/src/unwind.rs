@@ -302,7 +302,7 @@ fn code_files(maps: &[Mapping]) -> Vec<(Range<u64>, &Mapping)> {
 
 /// The address that the file's virtual address 0 is mapped at, given one
 /// mapping of it (framehop's `base_avma`): 0 for a non-PIE executable.
-fn load_bias(segments: &[(u64, u64, u64)], start: u64, offset: u64) -> Option<u64> {
+pub(crate) fn load_bias(segments: &[(u64, u64, u64)], start: u64, offset: u64) -> Option<u64> {
     segments
         .iter()
         .find(|&&(p_offset, p_filesz, _)| {
