@@ -137,6 +137,44 @@ struct Family {
     extra: &'static [Want],
 }
 
+/// CPython's allocator: `PyObject_*` (objects) and `PyMem_*` (their
+/// buffers), both served by pymalloc from its arenas for blocks of up to
+/// 512 bytes, by `malloc` beyond (nested, so not counted twice). The frees
+/// are probed at entry and return, like `operator delete`, so the `free`
+/// of a large block counts once.
+pub const PYTHON: &[Want] = &[
+    want("PyObject_Malloc", Some(AllocFn::PyMalloc), true),
+    want("PyObject_Calloc", Some(AllocFn::PyCalloc), false),
+    want("PyObject_Realloc", Some(AllocFn::PyRealloc), false),
+    want("PyObject_Free", Some(AllocFn::Delete), true),
+    want("PyMem_Malloc", Some(AllocFn::PyMalloc), false),
+    want("PyMem_Calloc", Some(AllocFn::PyCalloc), false),
+    want("PyMem_Realloc", Some(AllocFn::PyRealloc), false),
+    want("PyMem_Free", Some(AllocFn::Delete), false),
+];
+
+/// How probe lists name CPython's allocator.
+pub const PYTHON_NAME: &str = "CPython (PyObject_*, PyMem_*)";
+
+/// Whether an object's symbols define CPython's allocator.
+pub fn defines_python_allocator<V>(symbols: &HashMap<&str, V>) -> bool {
+    symbols.contains_key("PyObject_Malloc") && symbols.contains_key("PyObject_Free")
+}
+
+static PYTHON_ALLOCATORS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Has CPython's allocator probed wherever one is found
+/// (`--python-allocators`), for the rest of the run.
+pub fn probe_python_allocators(on: bool) {
+    PYTHON_ALLOCATORS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether CPython's allocator is probed ([`probe_python_allocators`]).
+pub fn python_allocators() -> bool {
+    PYTHON_ALLOCATORS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The prefixed interfaces. The unprefixed one is [`plain_wants`].
 const FAMILIES: &[Family] = &[
     Family {

@@ -38,6 +38,9 @@ pub enum LibKind {
     /// Rust `#[global_allocator]`, a sanitizer's or an application's own
     /// `malloc`), found by its symbols, not its name (see `allocators`).
     Malloc,
+    /// CPython's own allocator (`PyObject_Malloc` and kin) in `libpython`
+    /// or a `python` executable: probed with `--python-allocators` only.
+    Python,
 }
 
 impl LibKind {
@@ -94,6 +97,12 @@ pub fn libraries_in(pid: u32, maps: &[Mapping]) -> Vec<Library> {
         let kind = match LibKind::of_file_name(name) {
             Some(kind) => kind,
             None if m.exec && holds_allocator(pid, m) => LibKind::Malloc,
+            None if m.exec
+                && crate::allocators::python_allocators()
+                && holds_python_allocator(pid, m) =>
+            {
+                LibKind::Python
+            }
             None => continue,
         };
         // Another root's paths, or a deleted file's, are opened (by memtrace
@@ -129,9 +138,35 @@ fn holds_allocator_at(
     key: (String, u64),
     open: impl FnOnce() -> std::io::Result<std::fs::File>,
 ) -> bool {
-    static SEEN: std::sync::Mutex<Option<HashMap<(String, u64), bool>>> =
-        std::sync::Mutex::new(None);
-    if let Some(known) = SEEN
+    static SEEN: Seen = std::sync::Mutex::new(None);
+    symbols_show(&SEEN, key, open, |symbols| {
+        !crate::allocators::found_in(symbols).1.is_empty()
+    })
+}
+
+/// Whether the object mapped by `m` holds CPython's allocator.
+fn holds_python_allocator(pid: u32, m: &Mapping) -> bool {
+    static SEEN: Seen = std::sync::Mutex::new(None);
+    symbols_show(
+        &SEEN,
+        (m.dev.clone(), m.inode),
+        || crate::mapped::open(pid, m),
+        crate::allocators::defines_python_allocator,
+    )
+}
+
+/// What files' symbols showed, by device and inode.
+type Seen = std::sync::Mutex<Option<HashMap<(String, u64), bool>>>;
+
+/// Whether `test` holds of the symbols of the file `open` opens, known by
+/// `key`: remembered in `seen`, as every loader stop asks again.
+fn symbols_show(
+    seen: &Seen,
+    key: (String, u64),
+    open: impl FnOnce() -> std::io::Result<std::fs::File>,
+    test: impl FnOnce(&HashMap<&str, (u64, u64)>) -> bool,
+) -> bool {
+    if let Some(known) = seen
         .lock()
         .ok()
         .and_then(|s| s.as_ref().and_then(|s| s.get(&key).copied()))
@@ -141,10 +176,9 @@ fn holds_allocator_at(
     let found = open().is_ok_and(|file| {
         // Reads the headers and the symbol tables only.
         let cache = object::ReadCache::new(file);
-        object::File::parse(&cache)
-            .is_ok_and(|elf| !crate::allocators::found_in(&symbol_map(&elf)).1.is_empty())
+        object::File::parse(&cache).is_ok_and(|elf| test(&symbol_map(&elf)))
     });
-    if let Ok(mut s) = SEEN.lock() {
+    if let Ok(mut s) = seen.lock() {
         s.get_or_insert_with(HashMap::new).insert(key, found);
     }
     found
@@ -435,6 +469,10 @@ pub fn sites_of(lib: &Library, user: Option<u32>) -> Result<Found> {
         LibKind::Libstdcxx => (vec!["libstdc++ (operator new)"], LIBSTDCXX.to_vec()),
         LibKind::Loader => (Vec::new(), vec![LOADER_HOOK]),
         LibKind::Malloc => crate::allocators::found_in(&symbol_map(&file)),
+        LibKind::Python => (
+            vec![crate::allocators::PYTHON_NAME],
+            crate::allocators::PYTHON.to_vec(),
+        ),
     };
     let (sites, mut missing) = sites_in(&file, &data, &wants);
     let by = user

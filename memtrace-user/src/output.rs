@@ -180,5 +180,6 @@ pub fn ledger_of(c: &Counters) -> Ledger {
         // Not recorded yet: a recording's ledger has the totals only.
         lost_sites: Vec::new(),
         dwarf: Default::default(),
+        python: Default::default(),
     }
 }

@@ -531,6 +531,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
     args.validate()
         .map_err(|m| UserError::new(m, "see memtrace --help"))?;
     target::check_privileges()?;
+    crate::allocators::probe_python_allocators(args.target.python_allocators);
     let mut out = if record_only {
         Box::new(std::io::sink())
     } else {
@@ -883,6 +884,12 @@ impl Snapshot {
                         };
                         (pid, walks)
                     })
+                    .collect(),
+                python: state
+                    .python
+                    .iter()
+                    .flat_map(Python::stats)
+                    .map(|(pid, s)| (pid, s.clone()))
                     .collect(),
             },
             now_ns,

@@ -57,6 +57,11 @@ fn encode(code_id: u64, line: u32) -> u64 {
     TAG | (code_id << LINE_BITS) | (u64::from(line) & LINE_MASK)
 }
 
+/// Whether `addr` is the mark of CPython's allocator ([`allocator_frame`]).
+pub fn is_allocator_frame(addr: u64) -> bool {
+    is_python(addr) && (addr & !TAG_MASK) >> LINE_BITS == CODE_IDS
+}
+
 /// The innermost frame of an allocation made through `PyObject_*` or
 /// `PyMem_*`: allocations of CPython's own allocator are a category of
 /// their own, in every stack-shaped report.
@@ -145,6 +150,9 @@ pub struct PythonStacks {
     /// Code objects whose names could not be read (freed, or the process
     /// gone before memtrace read them): their frames show an address.
     pub unknown_code: u64,
+    /// Whether CPython's own allocator was traced (`--python-allocators`):
+    /// without it, objects it serves from its arenas are not seen.
+    pub allocator_traced: bool,
 }
 
 struct Proc {
@@ -181,6 +189,7 @@ impl Python {
             interpreter: interp.name(),
             module: interp.module.clone(),
             supported: interp.layout.is_some(),
+            allocator_traced: crate::allocators::python_allocators(),
             ..PythonStacks::default()
         };
         self.procs.insert(
@@ -407,6 +416,8 @@ mod tests {
         assert!(!is_python(0x7fff_ffff_f000));
         assert!(!is_python(0xffff_ffff_8100_0000));
         assert!(is_python(allocator_frame(AllocFn::PyMalloc)));
+        assert!(is_allocator_frame(allocator_frame(AllocFn::PyMalloc)));
+        assert!(!is_allocator_frame(a));
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod html;
 pub mod json;
 pub mod memory;
 pub mod pprof;
+pub mod python_lines;
 pub mod svg;
 pub mod text;
 
@@ -46,6 +47,9 @@ pub enum View {
     /// Allocated heap next to resident, mapped and kernel memory, and what
     /// explains the difference.
     Memory,
+    /// Live and allocated bytes by the Python line that allocated them
+    /// (CPython processes; tracemalloc's grouping, from outside).
+    PythonLines,
 }
 
 impl View {
@@ -68,6 +72,7 @@ impl View {
             View::Histograms => "histograms",
             View::Timeline => "timeline",
             View::Memory => "memory",
+            View::PythonLines => "python-lines",
         }
     }
 }
@@ -316,6 +321,13 @@ pub struct ProcessReport {
     /// Allocated versus resident, mapped and kernel memory (view `memory`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<memory::MemoryReport>,
+    /// Its Python interpreter and how reading its Python frames went;
+    /// absent for a process memtrace found no interpreter in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python: Option<crate::python::PythonStacks>,
+    /// Bytes by Python line (view `python-lines`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python_lines: Option<python_lines::PythonLinesReport>,
 }
 
 /// A process's high-water mark of live bytes and its breakdown at that
@@ -556,6 +568,9 @@ pub struct Ledger {
     /// Processes whose stacks were walked by DWARF, and how those walks
     /// went (not kept in recordings).
     pub dwarf: BTreeMap<u32, DwarfWalks>,
+    /// Python processes: their interpreter, and how reading their Python
+    /// frames went (not kept in recordings).
+    pub python: BTreeMap<u32, crate::python::PythonStacks>,
 }
 
 /// The stacks of one process walked by DWARF (`--unwind`).
@@ -690,6 +705,7 @@ pub fn build(
         if seen.insert(p.pid) {
             p.lost = lost_report(p.pid, ledger, sym, opts);
             p.dwarf = ledger.dwarf.get(&p.pid).copied();
+            p.python = ledger.python.get(&p.pid).cloned();
         }
     }
     let mut lost: BTreeMap<&'static str, u64> = ledger.kernel.iter().copied().collect();
@@ -814,6 +830,9 @@ fn process_report(
     let memory = opts
         .wants(View::Memory)
         .then(|| memory::build(p, sym, opts, fault_sample));
+    let python_lines = opts
+        .wants(View::PythonLines)
+        .then(|| python_lines::build(p, sym, opts));
     ProcessReport {
         pid: p.pid,
         comm: sym.comm(p.pid),
@@ -840,6 +859,8 @@ fn process_report(
         timeline,
         resident: memory::ResidentSummary::of(p),
         memory,
+        python: None,
+        python_lines,
     }
 }
 

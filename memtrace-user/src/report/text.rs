@@ -109,6 +109,11 @@ pub fn render(r: &Report, view: View, out: &mut dyn Write) -> io::Result<()> {
                     memory::render(m, out)?;
                 }
             }
+            View::PythonLines => {
+                if let Some(l) = &p.python_lines {
+                    super::python_lines::render(l, out)?;
+                }
+            }
         }
     }
     let quiet = r.processes.len() - shown.len();
@@ -144,6 +149,9 @@ fn process_header(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
             group(d.stacks),
             group(d.cut)
         )?;
+    }
+    if let Some(py) = &p.python {
+        python_line(py, out)?;
     }
     if let Some(l) = &p.lost {
         lost_lines(l, out)?;
@@ -195,6 +203,34 @@ fn process_line(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
         group(p.freed_bytes),
         group(p.freed_count),
     )
+}
+
+/// What a process's Python frames came to.
+fn python_line(py: &crate::python::PythonStacks, out: &mut dyn Write) -> io::Result<()> {
+    if !py.supported {
+        return writeln!(
+            out,
+            "  python: {} ({}): memtrace has no frame layout for this version; native frames only",
+            py.interpreter, py.module
+        );
+    }
+    writeln!(
+        out,
+        "  python: {} ({}): {} stacks with Python frames ({} cut at 64 frames, {} unreadable, {} code objects unreadable)",
+        py.interpreter,
+        py.module,
+        group(py.stacks),
+        group(py.truncated),
+        group(py.unreadable),
+        group(py.unknown_code)
+    )?;
+    if !py.allocator_traced {
+        writeln!(
+            out,
+            "  python: objects of CPython's own allocator (pymalloc arenas, blocks up to 512 B) not traced; --python-allocators traces them"
+        )?;
+    }
+    Ok(())
 }
 
 fn leaks(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
