@@ -82,6 +82,9 @@ pub enum RecordKind {
     /// A [`PyStackRecord`]: the Python frames of the thread whose allocation
     /// record follows it (CPython processes listed in the `PYTHON` map).
     PyStack = 12,
+    /// A [`PyCodeRecord`]: what the kernel side copied of a code object the
+    /// first time a process's Python stack held it (before that stack).
+    PyCode = 13,
 }
 
 impl RecordKind {
@@ -100,6 +103,7 @@ impl RecordKind {
             10 => Some(Self::Loaded),
             11 => Some(Self::AllocStack),
             12 => Some(Self::PyStack),
+            13 => Some(Self::PyCode),
             _ => None,
         }
     }
@@ -294,7 +298,9 @@ impl AllocStackRecord {
     pub const FIXED_LEN: usize = core::mem::offset_of!(AllocStackRecord, stack);
 }
 
-/// Deepest Python stack a [`PyStackRecord`] carries.
+/// Deepest Python stack a [`PyStackRecord`] carries: the innermost frames
+/// of a deeper one, counted as cut. (The kernel's verifier follows each
+/// turn of the walk: 128 frames cost a second and a half more at start.)
 pub const MAX_PY_FRAMES: usize = 64;
 
 /// One frame of a Python stack, as the kernel side reads it from the
@@ -309,13 +315,27 @@ pub struct PyFrame {
     /// Index (in code units) of the instruction the frame last ran, from
     /// the start of its bytecode; `u32::MAX` when it has run none.
     pub lasti: u32,
-    /// The code object's `co_firstlineno` (bits 0-29), which tells a code
-    /// object from a later one at the same address; bit 31
+    /// The code object's stamp ([`py_code_stamp`], bits 0-29), which tells
+    /// a code object from a later one at the same address; bit 31
     /// ([`PY_FRAME_ENTRY`]) set when C code entered the interpreter at this
     /// frame (one native `_PyEval_EvalFrameDefault` call runs this frame and
     /// the frames it called without leaving the loop); bit 30
     /// ([`PY_FRAME_SHIM`]) for a frame that runs no code of its own.
     pub info: u32,
+}
+
+/// Bits of [`PyFrame::info`] that hold the code object's stamp.
+pub const PY_STAMP_MASK: u32 = (1 << 30) - 1;
+
+/// What tells a code object from another that later stands at the same
+/// address: its first line and its file name object, mixed into 30 bits.
+/// Both sides compute it, the kernel side from the frame's code object, user
+/// space from what it read of it. (Two modules' `<module>` code objects
+/// both start at line 1; their file names differ.)
+#[inline(always)]
+pub fn py_code_stamp(first_line: u32, filename: u64) -> u32 {
+    let mixed = (filename >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 34;
+    (first_line ^ mixed as u32) & PY_STAMP_MASK
 }
 
 /// [`PyFrame::info`] bit: the frame was entered from C.
@@ -401,6 +421,80 @@ pub struct PyConfig {
     pub code_firstlineno: u32,
     /// `PyCodeObject.co_code_adaptive`: where the bytecode starts.
     pub code_bytecode: u32,
+    /// `PyCodeObject.co_filename`.
+    pub code_filename: u32,
+    /// `PyCodeObject.co_qualname`.
+    pub code_qualname: u32,
+    /// `PyCodeObject.co_linetable`.
+    pub code_linetable: u32,
+    /// `PyASCIIObject.length` (characters).
+    pub str_length: u32,
+    /// Where the characters of a compact non-ASCII `str` start (those of an
+    /// ASCII one start earlier): with 4 bytes a character, a bound of the
+    /// object's size.
+    pub str_compact_data: u32,
+    /// `PyVarObject.ob_size` of a `bytes`.
+    pub bytes_size: u32,
+    /// `PyBytesObject.ob_sval`.
+    pub bytes_data: u32,
+    /// Zero.
+    pub _pad: u32,
+}
+
+/// Bytes of a `str` object (header and characters) a [`PyCodeRecord`]
+/// carries at most.
+pub const PY_STR_COPY: usize = 512;
+
+/// Bytes of a `bytes` object (the line table) a [`PyCodeRecord`] carries
+/// at most: longer tables are cut (user space reads the rest from the
+/// process if it can).
+pub const PY_TABLE_COPY: usize = 4096;
+
+/// A copy of the objects that name a code object (qualified name, file
+/// name, line table), made by the kernel side the first time one of a
+/// process's Python stacks holds it: user space reads code objects from
+/// the process's memory, but a code object may be gone by then (a
+/// module's body is freed once it has run, and a process may exit).
+/// Written just before the [`PyStackRecord`] that holds the code object.
+///
+/// Variable-length: up to the end of `table`'s copied bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PyCodeRecord {
+    /// Common header; `kind` is [`RecordKind::PyCode`].
+    pub header: Header,
+    /// Address of the code object.
+    pub code: u64,
+    /// Its [`py_code_stamp`].
+    pub stamp: u32,
+    /// Its `co_firstlineno`.
+    pub first_line: u32,
+    /// Address of its `co_qualname`.
+    pub name_addr: u64,
+    /// Address of its `co_filename`.
+    pub file_addr: u64,
+    /// Address of its `co_linetable`.
+    pub table_addr: u64,
+    /// Bytes copied of `name`, from the object's start (0 when it could
+    /// not be read).
+    pub name_len: u32,
+    /// Bytes copied of `file`, likewise.
+    pub file_len: u32,
+    /// Bytes copied of `table`, likewise.
+    pub table_len: u32,
+    /// Zero.
+    pub _pad: u32,
+    /// The `co_qualname` object.
+    pub name: [u8; PY_STR_COPY],
+    /// The `co_filename` object.
+    pub file: [u8; PY_STR_COPY],
+    /// The `co_linetable` object.
+    pub table: [u8; PY_TABLE_COPY],
+}
+
+impl PyCodeRecord {
+    /// Length of the record without the line table.
+    pub const FIXED_LEN: usize = core::mem::offset_of!(PyCodeRecord, table);
 }
 
 /// `free(addr)` was entered with a non-NULL pointer.
@@ -877,7 +971,11 @@ mod tests {
         assert_eq!(size_of::<VmInflight>(), 8 + 40);
         assert_eq!(size_of::<PyFrame>(), 16);
         assert_eq!(PyStackRecord::FIXED_LEN, 24 + 8 + 8);
-        assert_eq!(size_of::<PyConfig>(), 8 + 4 * 14);
+        assert_eq!(size_of::<PyConfig>(), 8 + 4 * 22);
+        assert_eq!(
+            PyCodeRecord::FIXED_LEN,
+            24 + 8 + 8 + 24 + 16 + 2 * PY_STR_COPY
+        );
     }
 
     #[test]
@@ -893,6 +991,7 @@ mod tests {
         assert_eq!(RecordKind::from_u16(10), Some(RecordKind::Loaded));
         assert_eq!(RecordKind::from_u16(11), Some(RecordKind::AllocStack));
         assert_eq!(RecordKind::from_u16(12), Some(RecordKind::PyStack));
-        assert_eq!(RecordKind::from_u16(13), None);
+        assert_eq!(RecordKind::from_u16(13), Some(RecordKind::PyCode));
+        assert_eq!(RecordKind::from_u16(14), None);
     }
 }

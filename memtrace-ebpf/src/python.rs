@@ -11,18 +11,23 @@
 //! `co_firstlineno` and whether C code entered the interpreter there.
 //!
 //! Nothing is resolved here: names, files and lines come from user space,
-//! which reads the code objects from the process's memory. Where each field
-//! lies depends on the Python version: the offsets come with the map value
+//! which reads the code objects from the process's memory. A code object
+//! may be gone by the time user space gets to it (a module's body is freed
+//! once it has run; a process may exit), so the first time a process's stack
+//! holds one (by [`PY_CODES`]) a [`PyCodeRecord`] goes first with a copy of
+//! its name, file name and line table objects. Where each field lies
+//! depends on the Python version: the offsets come with the map value
 //! ([`PyConfig`]), from user space's per-version tables.
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_user,
+    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf},
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use memtrace_common::{
-    Counter, MAX_PY_FRAMES, PY_FRAME_ENTRY, PY_FRAME_SHIM, PyConfig, PyFrame, PyStackRecord,
-    PyWalkError, RecordKind, TRACED_PIDS,
+    Counter, MAX_PY_FRAMES, PY_FRAME_ENTRY, PY_FRAME_SHIM, PY_STAMP_MASK, PY_STR_COPY,
+    PyCodeRecord, PyConfig, PyFrame, PyStackRecord, PyWalkError, RecordKind, TRACED_PIDS,
+    py_code_stamp,
 };
 
 use crate::{count, header, output};
@@ -47,6 +52,22 @@ static PY_TSTATE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
 /// One record being built, per CPU (too large for the BPF stack).
 #[map]
 static PY_SCRATCH: PerCpuArray<PyStackRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Code objects already sent ([`PyCodeRecord`]), by process and address,
+/// with their stamp: a new code object at an old address has another.
+#[map]
+static PY_CODES: LruHashMap<[u64; 2], u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// One code record being built, per CPU.
+#[map]
+static PY_CODE_SCRATCH: PerCpuArray<PyCodeRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Code records one stack sends at most, innermost first: the rest go with
+/// the stacks that follow, whose outer frames are mostly the same (or user
+/// space reads them from the process). The verifier follows each turn of
+/// the loop once per count of records sent so far: at 4, loading takes
+/// half a minute.
+const MAX_NEW_CODES: usize = 2;
 
 /// Thread states looked at when searching for a thread's: a process with
 /// more Python threads than this gets their later ones' frames only once
@@ -97,6 +118,7 @@ pub(crate) fn emit_py_stack(tgid: u32, tid: u32, addr: u64) {
         Err(PyWalkError::NoThreadState) => return,
         Err(e) => rec.err = e as u32,
     }
+    send_new_codes(cfg, tgid, rec);
     let n = rec.nframes as usize;
     let len = PyStackRecord::FIXED_LEN + core::mem::size_of::<PyFrame>() * n;
     // `output` counts a full ring buffer; this says whose record it was.
@@ -168,10 +190,12 @@ fn walk(cfg: &PyConfig, mut frame: u64, rec: &mut PyStackRecord) -> Result<(), P
         let prev_instr: u64 = read(frame + u64::from(cfg.frame_prev_instr))?;
         let entry: u8 = read(frame + u64::from(cfg.frame_is_entry))?;
         let owner: u8 = read(frame + u64::from(cfg.frame_owner))?;
-        let first: u32 = if u32::from(owner) == cfg.owner_cstack {
+        let stamp = if u32::from(owner) == cfg.owner_cstack {
             0
         } else {
-            read(code + u64::from(cfg.code_firstlineno))?
+            let first: u32 = read(code + u64::from(cfg.code_firstlineno))?;
+            let file: u64 = read(code + u64::from(cfg.code_filename))?;
+            py_code_stamp(first, file)
         };
         let start = code + u64::from(cfg.code_bytecode);
         // Before its first instruction a frame's `prev_instr` is one code
@@ -181,7 +205,7 @@ fn walk(cfg: &PyConfig, mut frame: u64, rec: &mut PyStackRecord) -> Result<(), P
         } else {
             u32::MAX
         };
-        let info = (first & !(PY_FRAME_ENTRY | PY_FRAME_SHIM))
+        let info = (stamp & PY_STAMP_MASK)
             | if entry != 0 { PY_FRAME_ENTRY } else { 0 }
             | if u32::from(owner) == cfg.owner_cstack {
                 PY_FRAME_SHIM
@@ -197,4 +221,102 @@ fn walk(cfg: &PyConfig, mut frame: u64, rec: &mut PyStackRecord) -> Result<(), P
     }
     rec.truncated = (frame != 0) as u16;
     Ok(())
+}
+
+/// Sends a [`PyCodeRecord`] for each code object of `rec` this process has
+/// not sent yet, innermost first, at most [`MAX_NEW_CODES`].
+#[inline(always)]
+fn send_new_codes(cfg: &PyConfig, tgid: u32, rec: &PyStackRecord) {
+    let mut sent = 0;
+    for i in 0..MAX_PY_FRAMES {
+        if i >= rec.nframes as usize {
+            break;
+        }
+        let Some(f) = rec.frames.get(i) else {
+            break;
+        };
+        if f.info & PY_FRAME_SHIM != 0 || f.code == 0 {
+            continue;
+        }
+        let key = [u64::from(tgid), f.code];
+        let stamp = f.info & PY_STAMP_MASK;
+        // SAFETY: a read-only look at a map value.
+        if unsafe { PY_CODES.get(key) } == Some(&stamp) {
+            continue;
+        }
+        // Marked before it is sent, so a code object twice on the stack
+        // (recursion) goes once; unmarked if it could not go (it goes with
+        // a later stack, then).
+        if PY_CODES.insert(key, stamp, 0).is_err() {
+            continue;
+        }
+        if !send_code(cfg, rec.header.tgid, rec.header.tid, f) {
+            let _ = PY_CODES.remove(key);
+            break;
+        }
+        sent += 1;
+        if sent >= MAX_NEW_CODES {
+            break;
+        }
+    }
+}
+
+/// Copies the name, file name and line table of `f`'s code object into a
+/// [`PyCodeRecord`] and sends it; false when the ring buffer was full.
+#[inline(always)]
+fn send_code(cfg: &PyConfig, tgid: u32, tid: u32, f: &PyFrame) -> bool {
+    let Some(rec) = PY_CODE_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch slot; programs do not migrate mid-run.
+    let rec = unsafe { &mut *rec };
+    rec.header = header(RecordKind::PyCode, (u64::from(tgid) << 32) | u64::from(tid));
+    rec.code = f.code;
+    rec.stamp = f.info & PY_STAMP_MASK;
+    rec.first_line = read(f.code + u64::from(cfg.code_firstlineno)).unwrap_or(0);
+    rec.name_addr = read(f.code + u64::from(cfg.code_qualname)).unwrap_or(0);
+    rec.file_addr = read(f.code + u64::from(cfg.code_filename)).unwrap_or(0);
+    rec.table_addr = read(f.code + u64::from(cfg.code_linetable)).unwrap_or(0);
+    rec.name_len = copy_str(cfg, rec.name_addr, &mut rec.name);
+    rec.file_len = copy_str(cfg, rec.file_addr, &mut rec.file);
+    // A `bytes`: its header, its bytes and a NUL.
+    let size: u64 = read(rec.table_addr + u64::from(cfg.bytes_size)).unwrap_or(0);
+    let want = u64::from(cfg.bytes_data) + size + 1;
+    rec.table_len = copy(rec.table_addr, want, &mut rec.table);
+    let len = PyCodeRecord::FIXED_LEN + rec.table_len as usize;
+    output(rec, len)
+}
+
+/// Copies a `str` object at `addr` into `buf`: its header and characters
+/// (bounded by 4 bytes a character past the non-ASCII header, which is at
+/// least the object's size). Returns the bytes copied.
+#[inline(always)]
+fn copy_str(cfg: &PyConfig, addr: u64, buf: &mut [u8; PY_STR_COPY]) -> u32 {
+    let Ok(chars) = read::<u64>(addr + u64::from(cfg.str_length)) else {
+        return 0;
+    };
+    let want = u64::from(cfg.str_compact_data) + chars.saturating_mul(4) + 4;
+    let got = copy(addr, want, buf);
+    if got != 0 {
+        return got;
+    }
+    // The bound ran past the end of the mapping: an ASCII string's own size.
+    copy(addr, u64::from(cfg.str_compact_data) + chars, buf)
+}
+
+/// Copies `want` bytes (at most the buffer's size) from `addr`; returns the
+/// bytes copied, 0 when they could not be read.
+#[inline(always)]
+fn copy<const N: usize>(addr: u64, want: u64, buf: &mut [u8; N]) -> u32 {
+    if addr == 0 || want == 0 {
+        return 0;
+    }
+    let n = if want > N as u64 { N } else { want as usize };
+    // SAFETY: `n` is at most the buffer's size; the helper checks the
+    // source.
+    let copied = unsafe {
+        let dst = core::slice::from_raw_parts_mut(buf.as_mut_ptr(), n);
+        bpf_probe_read_user_buf(addr as *const u8, dst)
+    };
+    if copied.is_ok() { n as u32 } else { 0 }
 }

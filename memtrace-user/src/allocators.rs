@@ -161,8 +161,7 @@ pub fn defines_python_allocator<V>(symbols: &HashMap<&str, V>) -> bool {
     symbols.contains_key("PyObject_Malloc") && symbols.contains_key("PyObject_Free")
 }
 
-static PYTHON_ALLOCATORS: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+static PYTHON_ALLOCATORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Has CPython's allocator probed wherever one is found
 /// (`--python-allocators`), for the rest of the run.

@@ -402,9 +402,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 oom_score_adj: r.oom_score_adj,
             }))
         }
-        // Not an event of its own: the Python frames of the allocation
-        // record that follows (see `python`).
-        Some(RecordKind::PyStack) | None => Err(DecodeError::Kind(header.kind)),
+        // Not events of their own: the Python frames of the allocation
+        // record that follows, and the code objects they name (see
+        // `python`).
+        Some(RecordKind::PyStack | RecordKind::PyCode) | None => {
+            Err(DecodeError::Kind(header.kind))
+        }
     }
 }
 

@@ -90,12 +90,22 @@ const PYTHON_CHECK: Duration = Duration::from_secs(2);
 
 impl State {
     fn handle(&mut self, bytes: &[u8]) {
-        if event::kind(bytes) == Some(RecordKind::PyStack) {
+        match event::kind(bytes) {
             // The Python frames of the allocation that comes next.
-            if let Some(py) = &mut self.python {
-                py.record(bytes);
+            Some(RecordKind::PyStack) => {
+                if let Some(py) = &mut self.python {
+                    py.record(bytes);
+                }
+                return;
             }
-            return;
+            // A code object those frames name, copied.
+            Some(RecordKind::PyCode) => {
+                if let Some(py) = &mut self.python {
+                    py.code_record(bytes);
+                }
+                return;
+            }
+            _ => {}
         }
         match event::decode(bytes) {
             Ok(mut ev) => {

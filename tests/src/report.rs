@@ -293,6 +293,7 @@ pub const LOSS_COUNTERS: &[&str] = &[
     "stale_inflight",
     "decode_errors",
     "traced_full",
+    "python_stack_lost",
 ];
 
 /// Checks that memtrace lost no event and that `process` freed nothing that

@@ -409,3 +409,24 @@ pub mod resident {
     pub const MAKE_TOUCHED: &str = "make_touched";
     pub const MAKE_LIST: &str = "make_list";
 }
+
+/// `fixtures/py_frames.py` (and the module it imports), per Python line (the lines marked `# site:`).
+/// Sizes are what CPython asks its allocator for: `bytearray(n)` asks for
+/// `n + 1` bytes (`PyObject_Realloc(NULL, n + 1)`, which `malloc` serves
+/// past 512 bytes); an 8-character ASCII `str` for 57 (a 48-byte header,
+/// the characters, a NUL).
+pub mod python {
+    use super::{Site, freed, leaked};
+
+    /// `bytearray(1 MiB)`, 20 kept.
+    pub const BYTEARRAYS: Site = leaked(20, (1 << 20) + 1);
+    /// `bytearray(100000)`, 1,000 freed at once.
+    pub const CHURN: Site = freed(1000, 1000 * 100_001);
+    /// `bytearray(200000)` in the key function `sorted` calls, 10 kept.
+    pub const KEY: Site = leaked(10, 200_001);
+    /// `bytearray(300000)` in the body of `py_frames_module.py`, kept.
+    pub const MODULE: Site = leaked(1, 300_001);
+    /// 100,000 strings of 8 characters, kept (`--python-allocators`; the
+    /// totals also count the temporaries of formatting them).
+    pub const STRINGS: Site = leaked(100_000, 57);
+}

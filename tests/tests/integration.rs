@@ -15,6 +15,8 @@
 //! - `libraries`: a container's libc (own root and mount namespace), and a
 //!   libc lacking optional functions.
 //! - `flood`: records dropped by a full ring buffer, counted by call site.
+//! - `python`: Python frames of a CPython interpreter, per Python line, and
+//!   CPython's own allocator against tracemalloc.
 //! - `shutdown`: SIGTERM's final report; SIGKILL leaves no program or probe;
 //!   a SIGKILLed target is reported whole.
 
@@ -25,6 +27,7 @@ mod flood;
 mod forks;
 mod libraries;
 mod pid;
+mod python;
 mod recording;
 mod resident;
 mod shutdown;

@@ -97,7 +97,9 @@ fn facts_of(
     key: (String, u64),
     open: impl FnOnce() -> std::io::Result<std::fs::File>,
 ) -> Option<Facts> {
-    static SEEN: Mutex<Option<HashMap<(String, u64), Option<Facts>>>> = Mutex::new(None);
+    /// Files already read, by device and inode.
+    type Seen = HashMap<(String, u64), Option<Facts>>;
+    static SEEN: Mutex<Option<Seen>> = Mutex::new(None);
     if let Some(known) = SEEN
         .lock()
         .ok()

@@ -17,26 +17,13 @@ use memtrace_common::PyConfig;
 pub struct Layout {
     /// Major and minor version.
     pub version: (u8, u8),
-    /// What the kernel side reads (with `runtime` 0: the process fills it).
+    /// What the kernel side reads (with `runtime` 0: the process fills it),
+    /// code objects and the strings and bytes that name them included.
     pub walk: PyConfig,
-    /// `PyCodeObject.co_filename`.
-    pub code_filename: u64,
-    /// `PyCodeObject.co_qualname`.
-    pub code_qualname: u64,
-    /// `PyCodeObject.co_linetable`.
-    pub code_linetable: u64,
-    /// `PyASCIIObject.length`.
-    pub str_length: u64,
     /// `PyASCIIObject.state`.
     pub str_state: u64,
     /// Where a compact ASCII string's characters start.
     pub str_ascii_data: u64,
-    /// Where a compact non-ASCII string's characters start.
-    pub str_compact_data: u64,
-    /// `PyVarObject.ob_size` of a `bytes`.
-    pub bytes_size: u64,
-    /// `PyBytesObject.ob_sval`.
-    pub bytes_data: u64,
 }
 
 /// CPython 3.11.
@@ -59,16 +46,17 @@ const PY311: Layout = Layout {
         owner_cstack: 255,
         code_firstlineno: 72,
         code_bytecode: 184,
+        code_filename: 112,
+        code_qualname: 128,
+        code_linetable: 136,
+        str_length: 16,
+        str_compact_data: 72,
+        bytes_size: 16,
+        bytes_data: 32,
+        _pad: 0,
     },
-    code_filename: 112,
-    code_qualname: 128,
-    code_linetable: 136,
-    str_length: 16,
     str_state: 32,
     str_ascii_data: 48,
-    str_compact_data: 72,
-    bytes_size: 16,
-    bytes_data: 32,
 };
 
 /// Every version memtrace knows.

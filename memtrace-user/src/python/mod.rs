@@ -6,7 +6,9 @@
 //! thread just before the allocation's record (`PyStackRecord`: code object
 //! addresses, instruction indexes, which frames C entered). Here they are
 //! paired with their allocation, resolved ([`code`]: name, file and line,
-//! read from the process's memory once per code object) and merged into the
+//! once per code object, from the copy the kernel side sent the first time
+//! it met it (`PyCodeRecord`) or else from the process's memory) and merged
+//! into the
 //! native stack: each native frame of the evaluation loop
 //! (`_PyEval_EvalFrameDefault`) is replaced by the Python frames it ran, so
 //! a stack reads `load_table (job.py:42) → PyArray_NewFromDescr → malloc`.
@@ -25,10 +27,12 @@ pub mod layout;
 
 use std::collections::HashMap;
 
-use memtrace_common::{AllocFn, MAX_PY_FRAMES, PY_FRAME_ENTRY, PyFrame, PyStackRecord};
+use memtrace_common::{
+    AllocFn, MAX_PY_FRAMES, PY_FRAME_ENTRY, PY_STAMP_MASK, PyFrame, PyStackRecord,
+};
 
 use crate::symbolize::Frame;
-use code::{CodeInfo, Memory};
+use code::{CodeInfo, Copied, Memory};
 pub use find::Interpreter;
 
 /// Top 16 bits of a Python frame's stand-in address ("PY"): not canonical
@@ -142,7 +146,8 @@ pub struct PythonStacks {
     pub supported: bool,
     /// Allocations whose stacks got Python frames.
     pub stacks: u64,
-    /// Of which cut at the deepest Python stack sent (64 frames).
+    /// Of which cut at the deepest Python stack sent
+    /// ([`MAX_PY_FRAMES`] frames).
     pub truncated: u64,
     /// Allocations whose Python frames could not be read (interpreter
     /// memory not where its layout says).
@@ -158,8 +163,11 @@ pub struct PythonStacks {
 struct Proc {
     interp: Interpreter,
     mem: Option<Memory>,
-    /// Code ids by (code object address, `co_firstlineno`).
+    /// Code ids by (code object address, stamp).
     ids: HashMap<(u64, u32), u64>,
+    /// Copies of code objects the kernel side sent, by (address, stamp),
+    /// until a stack names them.
+    copies: HashMap<(u64, u32), Copied>,
     /// Lines by (code id, instruction index).
     lines: HashMap<(u64, u32), u32>,
     stats: PythonStacks,
@@ -198,6 +206,7 @@ impl Python {
                 mem: Memory::open(pid).ok(),
                 interp,
                 ids: HashMap::new(),
+                copies: HashMap::new(),
                 lines: HashMap::new(),
                 stats,
             },
@@ -210,6 +219,7 @@ impl Python {
         if let Some(p) = self.procs.get_mut(&pid) {
             p.mem = None;
             p.ids.clear();
+            p.copies.clear();
         }
     }
 
@@ -238,6 +248,26 @@ impl Python {
             return;
         };
         self.pending.insert(rec.0, rec.1);
+    }
+
+    /// A `PyCodeRecord` (checked by the caller to be one): kept until a
+    /// stack names its code object.
+    pub fn code_record(&mut self, bytes: &[u8]) {
+        let Some(pid) = bytes
+            .get(std::mem::offset_of!(memtrace_common::Header, tgid)..)
+            .and_then(|b| Some(u32::from_le_bytes(b.get(..4)?.try_into().ok()?)))
+        else {
+            return;
+        };
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        let Some(layout) = p.interp.layout else {
+            return;
+        };
+        if let Some(c) = Copied::parse(layout, bytes) {
+            p.copies.insert((c.code, c.info.stamp), c);
+        }
     }
 
     /// Adds the Python frames sent for allocation `a` (of thread `tid`) to
@@ -273,21 +303,32 @@ impl Python {
 }
 
 impl Proc {
+    /// What a code object of this stamp at `code` holds: the kernel side's
+    /// copy, with the line table from the process if the copy cut it; else
+    /// the process's memory, if the code object there is still the same.
+    fn read(&mut self, code: u64, stamp: u32) -> Option<CodeInfo> {
+        let live = || {
+            let c = self.mem.as_ref()?.code(self.interp.layout?, code)?;
+            (c.stamp == stamp).then_some(c)
+        };
+        match self.copies.remove(&(code, stamp)) {
+            Some(copy) if copy.whole_table => Some(copy.info),
+            Some(copy) => Some(live().unwrap_or(copy.info)),
+            None => live(),
+        }
+    }
+
     /// The stand-in address of a frame: its code object (read now, the
     /// first time) and line.
     fn resolve(&mut self, codes: &mut Codes, f: &PyFrame) -> u64 {
-        let first = f.info & !PY_FRAME_ENTRY;
-        let key = (f.code, first);
+        let stamp = f.info & PY_STAMP_MASK;
+        let key = (f.code, stamp);
         let id = match self.ids.get(&key) {
             Some(&id) => id,
             None => {
-                let info = match (&self.mem, self.interp.layout) {
-                    (Some(mem), Some(layout)) => mem.code(layout, f.code),
-                    _ => None,
-                };
-                let code = match info {
-                    Some(c) if c.first_line == first => Code::Known(c),
-                    _ => {
+                let code = match self.read(f.code, stamp) {
+                    Some(c) => Code::Known(c),
+                    None => {
                         self.stats.unknown_code += 1;
                         Code::Unknown(f.code)
                     }
@@ -428,6 +469,7 @@ mod tests {
                 name: "Loader.load".into(),
                 file: "/srv/job.py".into(),
                 first_line: 10,
+                stamp: 10,
                 linetable: Vec::new(),
             }))
             .unwrap();

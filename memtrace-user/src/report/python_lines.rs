@@ -82,8 +82,9 @@ pub fn build(p: &Process, sym: &mut dyn Symbolize, opts: &Options) -> PythonLine
     }
     // One code object may stand at two addresses (two ids, if it was seen
     // again after an exec): rows are merged by what they show.
-    let mut merged: HashMap<(Option<String>, Option<String>, Option<u32>), PythonLine> =
-        HashMap::new();
+    /// What a row shows: function, file and line.
+    type Shown = (Option<String>, Option<String>, Option<u32>);
+    let mut merged: HashMap<Shown, PythonLine> = HashMap::new();
     for l in by_line.into_values() {
         let key = (l.function.clone(), l.file.clone(), l.line);
         match merged.get_mut(&key) {
@@ -127,17 +128,28 @@ fn add(row: &mut PythonLine, s: &Stats, from_allocator: bool) {
 
 /// The view's text: one line per Python line.
 pub fn render(r: &PythonLinesReport, out: &mut dyn Write) -> io::Result<()> {
-    writeln!(out, "  by Python line (innermost Python frame of each stack):")?;
+    writeln!(
+        out,
+        "  by Python line (innermost Python frame of each stack):"
+    )?;
     for l in &r.lines {
         let place = match (&l.file, l.line) {
             (Some(f), Some(n)) => format!("{f}:{n}"),
             (Some(f), None) => f.clone(),
             _ => "?".to_string(),
         };
-        row(out, l, &format!("{place} {}", l.function.as_deref().unwrap_or("?")))?;
+        row(
+            out,
+            l,
+            &format!("{place} {}", l.function.as_deref().unwrap_or("?")),
+        )?;
     }
     if r.lines_omitted > 0 {
-        writeln!(out, "    ... {} more lines (--top)", group(r.lines_omitted as u64))?;
+        writeln!(
+            out,
+            "    ... {} more lines (--top)",
+            group(r.lines_omitted as u64)
+        )?;
     }
     if r.outside_python.total_count > 0 {
         row(out, &r.outside_python, "(no Python frame)")?;

@@ -216,11 +216,12 @@ fn python_line(py: &crate::python::PythonStacks, out: &mut dyn Write) -> io::Res
     }
     writeln!(
         out,
-        "  python: {} ({}): {} stacks with Python frames ({} cut at 64 frames, {} unreadable, {} code objects unreadable)",
+        "  python: {} ({}): {} stacks with Python frames ({} cut at {} frames, {} unreadable, {} code objects unreadable)",
         py.interpreter,
         py.module,
         group(py.stacks),
         group(py.truncated),
+        memtrace_common::MAX_PY_FRAMES,
         group(py.unreadable),
         group(py.unknown_code)
     )?;
@@ -784,6 +785,7 @@ pub(crate) mod tests {
             lost_sites: Vec::new(),
             memtrace: None,
             dwarf: Default::default(),
+            python: Default::default(),
         };
         let probes = [Probes {
             module: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
