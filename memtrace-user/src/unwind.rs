@@ -303,11 +303,15 @@ fn code_files(maps: &[Mapping]) -> Vec<(Range<u64>, &Mapping)> {
 /// The address that the file's virtual address 0 is mapped at, given one
 /// mapping of it (framehop's `base_avma`): 0 for a non-PIE executable.
 pub(crate) fn load_bias(segments: &[(u64, u64, u64)], start: u64, offset: u64) -> Option<u64> {
+    // Two segments may share a file page (one ends where the next begins,
+    // as with lld's layout): a mapping that starts at that page is the later
+    // segment's start, so the last segment holding the offset is the one.
     segments
         .iter()
-        .find(|&&(p_offset, p_filesz, _)| {
+        .filter(|&&(p_offset, p_filesz, _)| {
             offset >= p_offset & !0xfff && offset < p_offset + p_filesz.max(1)
         })
+        .max_by_key(|&&(p_offset, _, _)| p_offset)
         .map(|&(p_offset, _, p_vaddr)| {
             start
                 .wrapping_add(p_offset)
@@ -481,6 +485,14 @@ mod tests {
         let fixed = [(0, 0x800, 0x400000), (0x1000, 0x2000, 0x401000)];
         assert_eq!(load_bias(&fixed, 0x401000, 0x1000), Some(0));
         assert_eq!(load_bias(&fixed, 0x401000, 0x9000), None);
+        // lld packs segments: the read-only one ends in the page where the
+        // code begins (offset 0x1489c0, vaddr 0x1499c0). The code's mapping
+        // starts at offset 0x148000, inside both: it is the code's.
+        let packed = [(0, 0x1489bc, 0), (0x1489c0, 0x4241a0, 0x1499c0)];
+        assert_eq!(
+            load_bias(&packed, 0x5555_5569_e000, 0x148000),
+            Some(0x5555_5555_5000)
+        );
     }
 
     #[test]
