@@ -158,7 +158,9 @@ pub fn matching_stacks<'a>(process: &'a Value, function: &str) -> Vec<&'a Value>
         .collect()
 }
 
-fn stack_numbers(stack: &Value) -> Site {
+/// The four numbers of a stack, or of any row that has them (a
+/// `python_lines` row).
+pub fn stack_numbers(stack: &Value) -> Site {
     Site {
         live_bytes: field(stack, "live_bytes"),
         live_count: field(stack, "live_count"),

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use memtrace_tests::report::stack_numbers;
 use memtrace_tests::truth::python as truth;
 use memtrace_tests::{
     Fixture, Memtrace, Site, array, assert_no_lost_events, process, require_root,
@@ -124,13 +125,7 @@ fn file_row<'a>(p: &'a Value, file: &str, line: u64) -> &'a Value {
 }
 
 fn assert_row(row: &Value, expected: Site, what: &str) {
-    let got = Site {
-        live_bytes: row["live_bytes"].as_u64().unwrap(),
-        live_count: row["live_count"].as_u64().unwrap(),
-        total_bytes: row["total_bytes"].as_u64().unwrap(),
-        total_count: row["total_count"].as_u64().unwrap(),
-    };
-    assert_eq!(got, expected, "{what}: {row}");
+    assert_eq!(stack_numbers(row), expected, "{what}: {row}");
 }
 
 fn assert_line(p: &Value, name: &str, expected: Site) {
