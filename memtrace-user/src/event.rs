@@ -413,11 +413,14 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 
 /// The kind of a record of this version, read from its header.
 pub fn kind(bytes: &[u8]) -> Option<RecordKind> {
+    RecordKind::from_u16(header(bytes)?.kind)
+}
+
+/// The header of a record of this version (`None` for a short record or
+/// another version's).
+pub fn header(bytes: &[u8]) -> Option<Header> {
     let header: Header = read(bytes).ok()?;
-    if header.version != EVENT_ABI {
-        return None;
-    }
-    RecordKind::from_u16(header.kind)
+    (header.version == EVENT_ABI).then_some(header)
 }
 
 fn decode_alloc(bytes: &[u8]) -> Result<Event, DecodeError> {

@@ -8,8 +8,7 @@
 //! paired with their allocation, resolved ([`code`]: name, file and line,
 //! once per code object, from the copy the kernel side sent the first time
 //! it met it (`PyCodeRecord`) or else from the process's memory) and merged
-//! into the
-//! native stack: each native frame of the evaluation loop
+//! into the native stack: each native frame of the evaluation loop
 //! (`_PyEval_EvalFrameDefault`) is replaced by the Python frames it ran, so
 //! a stack reads `load_table (job.py:42) → PyArray_NewFromDescr → malloc`.
 //!
@@ -253,13 +252,10 @@ impl Python {
     /// A `PyCodeRecord` (checked by the caller to be one): kept until a
     /// stack names its code object.
     pub fn code_record(&mut self, bytes: &[u8]) {
-        let Some(pid) = bytes
-            .get(std::mem::offset_of!(memtrace_common::Header, tgid)..)
-            .and_then(|b| Some(u32::from_le_bytes(b.get(..4)?.try_into().ok()?)))
-        else {
+        let Some(header) = crate::event::header(bytes) else {
             return;
         };
-        let Some(p) = self.procs.get_mut(&pid) else {
+        let Some(p) = self.procs.get_mut(&header.tgid) else {
             return;
         };
         let Some(layout) = p.interp.layout else {
