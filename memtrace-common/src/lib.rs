@@ -524,8 +524,13 @@ pub struct Inflight {
     pub func: u16,
     /// 1 when the call is nested in another traced call and emits nothing.
     pub nested: u16,
-    /// Padding, zero.
-    pub _pad: u32,
+    /// Sampled mode: [`SAMPLE_OLD`] and [`SAMPLE_NEW`]; zero otherwise.
+    pub flags: u32,
+    /// Sampled mode: the return address the call will return to. A uprobe
+    /// session runs one program at entry and at return; at return the
+    /// instruction pointer is this address and the stack pointer 8 above
+    /// the entry's, which tells the two runs apart.
+    pub ret: u64,
 }
 
 /// Per-thread stack of allocator calls in flight, keyed by thread id.
@@ -619,6 +624,95 @@ impl Counter {
             Self::LostTableFull => "lost_table_full",
             Self::TracedFull => "traced_full",
             Self::PyStackLost => "python_stack_lost",
+        }
+    }
+}
+
+/// Sampled mode (the agent's allocator tier), an in-flight call: the old
+/// block of a realloc-like call was sampled, so its free is forwarded.
+pub const SAMPLE_OLD: u32 = 1;
+
+/// Sampled mode, an in-flight call: the new block was chosen as a sample.
+pub const SAMPLE_NEW: u32 = 2;
+
+/// Number of exponential draws the loader puts in the sampler's table: the
+/// byte distance to the next sample is one of them, chosen at random.
+pub const EXP_DRAWS: u32 = 4096;
+
+/// Most address ranges of allocator code kept per sampled process (see
+/// [`AllocatorRanges`]).
+pub const MAX_ALLOCATOR_RANGES: usize = 8;
+
+/// The executable ranges of the allocator libraries probed in one sampled
+/// process, `[start, end)` pairs, unused ones zero. A probed function called
+/// from inside one of them (glibc's `memalign` calling `malloc`,
+/// libstdc++'s `operator new` calling `malloc`) is the same block already
+/// counted by its caller, and is skipped without a return probe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocatorRanges {
+    /// `[start, end)` of each range.
+    pub ranges: [[u64; 2]; MAX_ALLOCATOR_RANGES],
+}
+
+/// Per-process record budget of the sampled tier: at most the loader's
+/// number of samples per second, so one flooding process cannot fill the
+/// ring buffer for the others.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    /// Start of the current one-second window (`bpf_ktime_get_ns`).
+    pub window_ns: u64,
+    /// Samples sent in it.
+    pub used: u64,
+    /// Samples not taken since the start because the budget was spent.
+    pub dropped: u64,
+    /// Their bytes (the sizes of the allocations, not their weights).
+    pub dropped_bytes: u64,
+}
+
+/// Counters of the sampled tier, one slot each in a per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SampleCounter {
+    /// Calls of probed allocator functions in sampled processes.
+    Calls = 0,
+    /// Allocations chosen as samples (before the table and budget checks).
+    Sampled = 1,
+    /// Calls from inside an allocator library, skipped (counted by their
+    /// caller).
+    Internal = 2,
+    /// Samples not kept: the table of sampled live blocks was full.
+    TableFull = 3,
+    /// Samples not taken: the process had spent its budget.
+    BudgetDropped = 4,
+    /// Frees of sampled blocks, forwarded.
+    FreesForwarded = 5,
+}
+
+/// Number of [`SampleCounter`] slots.
+pub const SAMPLE_COUNTERS: u32 = 6;
+
+impl SampleCounter {
+    /// Every counter, in slot order.
+    pub const ALL: [SampleCounter; SAMPLE_COUNTERS as usize] = [
+        Self::Calls,
+        Self::Sampled,
+        Self::Internal,
+        Self::TableFull,
+        Self::BudgetDropped,
+        Self::FreesForwarded,
+    ];
+
+    /// The name used in reports and metrics (snake case, stable).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Calls => "calls",
+            Self::Sampled => "sampled",
+            Self::Internal => "internal",
+            Self::TableFull => "sample_table_full",
+            Self::BudgetDropped => "budget_dropped",
+            Self::FreesForwarded => "frees_forwarded",
         }
     }
 }
@@ -962,8 +1056,11 @@ mod tests {
         assert_eq!(AllocStackRecord::FIXED_LEN, 24 + 8 * 4 + 8 + 8 * 3);
         assert_eq!(offset_of!(AllocStackRecord, func), 56);
         assert_eq!(size_of::<FreeRecord>(), 32);
-        assert_eq!(size_of::<Inflight>(), 40);
-        assert_eq!(size_of::<InflightStack>(), 8 + 40 * MAX_NEST);
+        assert_eq!(size_of::<Inflight>(), 48);
+        assert_eq!(size_of::<InflightStack>(), 8 + 48 * MAX_NEST);
+        assert_eq!(size_of::<Budget>(), 32);
+        assert_eq!(size_of::<AllocatorRanges>(), 16 * MAX_ALLOCATOR_RANGES);
+        assert_eq!(SampleCounter::ALL.len(), SAMPLE_COUNTERS as usize);
         assert_eq!(RssRecord::FIXED_LEN, 24 + 4 + 4 + 8 * 3 + 8);
         assert_eq!(VmRecord::FIXED_LEN, 24 + 16 + 8 * 6);
         assert_eq!(KmemRecord::FIXED_LEN, 24 + 8 + 8 * 4);

@@ -58,6 +58,10 @@ pub enum Command {
     Report(ReportArgs),
     /// Per-stack growth between two recordings, or two times of one.
     Diff(DiffArgs),
+    /// Fleet mode: every process on the host until stopped, kernel
+    /// tracepoints for all, sampled allocations for the selected and the
+    /// growing; Prometheus metrics and pprof profiles.
+    Agent(crate::agent::AgentArgs),
     /// Internal: continues the processes memtrace stopped if memtrace dies
     /// (started by memtrace itself; see `guard`).
     #[command(hide = true)]

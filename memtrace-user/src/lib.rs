@@ -24,6 +24,7 @@
 //! the only module that talks to BPF.
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod agg;
 pub mod allocators;
 pub mod attach;
@@ -50,3 +51,4 @@ pub mod symbolize;
 pub mod target;
 pub mod tracefs;
 pub mod unwind;
+pub mod uprobe_session;

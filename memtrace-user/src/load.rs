@@ -3,8 +3,9 @@
 //! the loss counters. Errors from aya are turned into [`UserError`]s that
 //! say what failed, on which file and pid.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd as _, OwnedFd};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{
@@ -13,12 +14,15 @@ use aya::programs::{
     uprobe::{UProbeLink, UProbeScope},
 };
 use aya::{Ebpf, EbpfLoader};
-use memtrace_common::{AllocFn, Counter, PyConfig};
+use memtrace_common::{
+    AllocFn, Budget, Counter, EXP_DRAWS, MAX_ALLOCATOR_RANGES, PyConfig, SampleCounter,
+};
 
 use crate::attach::{LibKind, Library, Site, display_name, sites_of};
 use crate::error::{Result, UserError};
 use crate::report::{LostSite, Probes, ProgramCost};
 use crate::tracefs;
+use crate::uprobe_session::{self, SessionPrograms};
 
 /// Kernel tracepoints and the programs on them, always attached: RSS,
 /// faults, address-space syscalls, exec and OOM.
@@ -79,6 +83,44 @@ pub struct KernelOptions {
     /// Read the Python frames of the processes named with
     /// [`Tracer::trace_python`] (off with `--no-python`).
     pub python: bool,
+    /// Sample allocations instead of tracing every call (the agent's
+    /// allocator tier); `None` is exact mode.
+    pub sampling: Option<Sampling>,
+}
+
+/// The sampled allocator tier's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sampling {
+    /// Mean bytes between two samples (`--sample-bytes`).
+    pub mean_bytes: u64,
+    /// Most sampled blocks tracked live at once, host-wide (`--max-live`).
+    pub max_live: u32,
+    /// Most samples one process may send per second (0: no limit).
+    pub budget_per_s: u64,
+    /// Use uprobe sessions where the kernel has them; else (or when they
+    /// fail) entry and return probes.
+    pub sessions: bool,
+}
+
+/// How the sampled tier's probes are attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeMode {
+    /// Uprobe sessions: an unsampled call pays its entry trap only.
+    Sessions,
+    /// A uprobe at entry and a uretprobe at return of every call, and why
+    /// not sessions.
+    EntryAndReturn(String),
+}
+
+/// One probe, removed when dropped.
+#[expect(
+    dead_code,
+    reason = "links are held to keep their probes, never read; dropping one removes it"
+)]
+enum Link {
+    Uprobe(UProbeLink),
+    /// A uprobe-session link's descriptor.
+    Session(OwnedFd),
 }
 
 /// Which processes' allocation stacks the kernel side copies, for user
@@ -119,6 +161,26 @@ fn entry_program(func: AllocFn) -> &'static str {
     }
 }
 
+/// The uprobe-session program of an allocator function (`None`: free),
+/// if it has one (CPython's allocators, never sampled, have none).
+fn session_program(func: Option<AllocFn>) -> Option<&'static str> {
+    Some(match func? {
+        AllocFn::Malloc => "malloc_session",
+        AllocFn::Calloc => "calloc_session",
+        AllocFn::Realloc => "realloc_session",
+        AllocFn::Reallocarray => "reallocarray_session",
+        AllocFn::PosixMemalign => "posix_memalign_session",
+        AllocFn::AlignedAlloc => "aligned_alloc_session",
+        AllocFn::Memalign => "memalign_session",
+        AllocFn::Valloc => "valloc_session",
+        AllocFn::Pvalloc => "pvalloc_session",
+        AllocFn::OperatorNew => "operator_new_session",
+        AllocFn::Delete => "delete_session",
+        AllocFn::RustRealloc => "rust_realloc_session",
+        AllocFn::PyMalloc | AllocFn::PyCalloc | AllocFn::PyRealloc => return None,
+    })
+}
+
 /// The return program of every allocator function.
 const ALLOC_EXIT: &str = "alloc_exit";
 
@@ -141,6 +203,23 @@ pub struct Tracer {
     /// interpreter's layout (a `PyConfig`, as words: the map's value type
     /// must be plain data to aya).
     python: BpfHashMap<MapData, u32, [u64; PY_CONFIG_WORDS]>,
+    /// Sampled mode: its maps, probes per process and session programs.
+    sampled: Option<SampledMaps>,
+}
+
+/// The sampled tier's side of the tracer.
+struct SampledMaps {
+    options: Sampling,
+    live: BpfHashMap<MapData, [u64; 2], u64>,
+    ranges: BpfHashMap<MapData, u32, [u64; 2 * MAX_ALLOCATOR_RANGES]>,
+    budgets: BpfHashMap<MapData, u32, [u64; 4]>,
+    counts: PerCpuArray<MapData, u64>,
+    /// Probes by process, so that one process's can be removed.
+    links: HashMap<u32, Vec<Link>>,
+    /// Session programs (built at the first attach), or why there are none.
+    sessions: Option<std::result::Result<SessionPrograms, String>>,
+    /// Every map's name and a descriptor of it, for the session programs.
+    map_fds: Vec<(String, OwnedFd)>,
 }
 
 /// Size of a `PyConfig` in 8-byte words.
@@ -197,7 +276,13 @@ impl Tracer {
             CopiedStacks::Listed => 2,
         };
         let python_on = opts.python as u8;
+        let sample_bytes = opts.sampling.map_or(0, |s| s.mean_bytes.max(1));
+        let budget = opts.sampling.map_or(0, |s| s.budget_per_s);
+        let max_live = opts.sampling.map_or(1, |s| s.max_live.max(1));
         let mut ebpf = EbpfLoader::new()
+            .override_global("SAMPLE_BYTES", &sample_bytes, true)
+            .override_global("BUDGET_PER_S", &budget, true)
+            .map_max_entries("SAMPLED", max_live)
             .override_global("SELF_TGID", &self_tgid, true)
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("FOLLOW_FORKS", &follow_forks, true)
@@ -213,6 +298,13 @@ impl Tracer {
                     "memtrace needs root (or CAP_BPF and CAP_PERFMON) and a kernel with BPF ring buffers (5.8+)",
                 )
             })?;
+        // Before any map is taken out of `ebpf`: the session programs are
+        // relocated against all of them.
+        let map_fds = if opts.sampling.is_some() {
+            map_descriptors(&ebpf)?
+        } else {
+            Vec::new()
+        };
         let exit: &mut RawTracePoint = program(&mut ebpf, "process_exit")?
             .try_into()
             .map_err(|e| internal("process_exit", e))?;
@@ -249,6 +341,10 @@ impl Tracer {
         )
         .map_err(|e| internal("PYTHON", e))?;
         let stats = opts.probe_cost.then(run_time_stats).transpose()?;
+        let sampled = opts
+            .sampling
+            .map(|options| SampledMaps::take(&mut ebpf, options, map_fds))
+            .transpose()?;
         let mut tracer = Self {
             ebpf,
             stats,
@@ -259,6 +355,7 @@ impl Tracer {
             traced,
             dwarf,
             python,
+            sampled,
         };
         tracer.attach_tracepoints(TRACEPOINTS)?;
         if opts.kernel_allocations {
@@ -394,8 +491,16 @@ impl Tracer {
     pub fn detach(mut self) {
         let links = std::mem::take(&mut self.links);
         let tracepoints = std::mem::take(&mut self.tracepoint_links);
+        let sampled: Vec<Link> = self
+            .sampled
+            .as_mut()
+            .map(|s| s.links.drain().flat_map(|(_, l)| l).collect())
+            .unwrap_or_default();
         std::thread::scope(|s| {
             for link in links {
+                s.spawn(move || drop(link));
+            }
+            for link in sampled {
                 s.spawn(move || drop(link));
             }
             for link in tracepoints {
@@ -469,6 +574,332 @@ impl Tracer {
                 (*c, sum)
             })
             .collect()
+    }
+}
+
+/// A descriptor of each of `ebpf`'s maps, by name.
+fn map_descriptors(ebpf: &Ebpf) -> Result<Vec<(String, OwnedFd)>> {
+    use aya::maps::Map;
+    let mut out = Vec::new();
+    for (name, map) in ebpf.maps() {
+        let data = match map {
+            Map::Array(d)
+            | Map::HashMap(d)
+            | Map::LruHashMap(d)
+            | Map::PerCpuArray(d)
+            | Map::PerCpuHashMap(d)
+            | Map::PerCpuLruHashMap(d)
+            | Map::RingBuf(d)
+            | Map::StackTraceMap(d)
+            | Map::Unsupported(d) => d,
+            _ => return Err(internal(name, "a map of a kind memtrace does not use")),
+        };
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| internal(name, e))?;
+        out.push((name.to_string(), fd));
+    }
+    Ok(out)
+}
+
+fn take_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<BpfHashMap<MapData, K, V>> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| internal(name, "map missing"))?;
+    BpfHashMap::try_from(map).map_err(|e| internal(name, e))
+}
+
+impl SampledMaps {
+    /// Takes the sampled tier's maps out of `ebpf` and fills the sampler's
+    /// table of exponential draws and each CPU's first distance.
+    fn take(ebpf: &mut Ebpf, options: Sampling, map_fds: Vec<(String, OwnedFd)>) -> Result<Self> {
+        let draws = crate::agent::weight::exponential_draws(options.mean_bytes, EXP_DRAWS);
+        let mut exp: aya::maps::Array<&mut MapData, u64> = aya::maps::Array::try_from(
+            ebpf.map_mut("EXP")
+                .ok_or_else(|| internal("EXP", "map missing"))?,
+        )
+        .map_err(|e| internal("EXP", e))?;
+        for (i, d) in draws.iter().enumerate() {
+            exp.set(i as u32, d, 0).map_err(|e| internal("EXP", e))?;
+        }
+        let mut left: PerCpuArray<&mut MapData, i64> = PerCpuArray::try_from(
+            ebpf.map_mut("SAMPLE_LEFT")
+                .ok_or_else(|| internal("SAMPLE_LEFT", "map missing"))?,
+        )
+        .map_err(|e| internal("SAMPLE_LEFT", e))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| internal("SAMPLE_LEFT", e))?;
+        // Each CPU starts at a random point of the first gap, not at zero
+        // (which would sample every CPU's first allocation).
+        let first: Vec<i64> = (0..cpus)
+            .map(|c| draws[(c * 977 + 13) % draws.len()] as i64)
+            .collect();
+        left.set(
+            0,
+            aya::maps::PerCpuValues::try_from(first).map_err(|e| internal("SAMPLE_LEFT", e))?,
+            0,
+        )
+        .map_err(|e| internal("SAMPLE_LEFT", e))?;
+        let counts = PerCpuArray::try_from(
+            ebpf.take_map("SAMPLE_COUNTS")
+                .ok_or_else(|| internal("SAMPLE_COUNTS", "map missing"))?,
+        )
+        .map_err(|e| internal("SAMPLE_COUNTS", e))?;
+        Ok(Self {
+            options,
+            live: take_hash(ebpf, "SAMPLED")?,
+            ranges: take_hash(ebpf, "RANGES")?,
+            budgets: take_hash(ebpf, "BUDGETS")?,
+            counts,
+            links: HashMap::new(),
+            sessions: None,
+            map_fds,
+        })
+    }
+
+    /// The session programs, built at the first call; the error says why
+    /// there are none.
+    fn sessions(&mut self) -> std::result::Result<&mut SessionPrograms, String> {
+        if self.sessions.is_none() {
+            let built = if !self.options.sessions {
+                Err("uprobe sessions were turned off".to_string())
+            } else if !uprobe_session::kernel_supports() {
+                Err(format!(
+                    "kernel {} has no uprobe sessions (they came in {}.{})",
+                    uprobe_session::kernel_version()
+                        .map_or("?".into(), |(a, b)| format!("{a}.{b}")),
+                    uprobe_session::MIN_KERNEL.0,
+                    uprobe_session::MIN_KERNEL.1
+                ))
+            } else {
+                SessionPrograms::new(EBPF_OBJECT, &self.map_fds)
+            };
+            self.sessions = Some(built);
+        }
+        match self.sessions.as_mut() {
+            Some(Ok(s)) => Ok(s),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err("unreachable".into()),
+        }
+    }
+}
+
+/// What the sampled tier counted, host-wide, and per process.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SampleLedger {
+    /// By [`SampleCounter`], summed over CPUs.
+    pub counters: Vec<(SampleCounter, u64)>,
+    /// Per process: samples dropped by its budget, and their bytes.
+    pub budget_dropped: Vec<(u32, u64, u64)>,
+}
+
+impl Tracer {
+    fn sampled_mut(&mut self) -> Result<&mut SampledMaps> {
+        self.sampled
+            .as_mut()
+            .ok_or_else(|| internal("the sampled tier", "not loaded in sampled mode"))
+    }
+
+    /// Samples the allocator functions of `lib` in process `pid`, with uprobe
+    /// sessions where the kernel has them. Returns what was probed and how.
+    /// Functions the sampled tier leaves out: libstdc++'s `operator new` and
+    /// `delete` (they call `malloc` and `free`, which count each block once),
+    /// and a `reallocarray` beside a `realloc` (glibc's jumps to it).
+    pub fn attach_sampled(&mut self, lib: &Library, pid: u32) -> Result<(Probes, ProbeMode)> {
+        let found = sites_of(lib, Some(pid))?;
+        let has_realloc = found
+            .sites
+            .iter()
+            .any(|s| s.want.func == Some(AllocFn::Realloc));
+        let sites: Vec<&Site> = found
+            .sites
+            .iter()
+            .filter(|s| !(s.want.func == Some(AllocFn::Reallocarray) && has_realloc))
+            .collect();
+        let sessions = match self.sampled_mut()?.sessions() {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        let mut mode = match &sessions {
+            Ok(()) => ProbeMode::Sessions,
+            Err(why) => ProbeMode::EntryAndReturn(why.clone()),
+        };
+        let mut links = Vec::new();
+        let mut functions = Vec::new();
+        for site in sites {
+            let entry = match site.want.func {
+                None => "free_enter",
+                Some(f) => entry_program(f),
+            };
+            let session = match site.want.func {
+                None => Some("free_session"),
+                f => session_program(f),
+            };
+            if let (ProbeMode::Sessions, Some(session)) = (&mode, session) {
+                let s = self
+                    .sampled_mut()?
+                    .sessions()
+                    .map_err(|e| internal("sessions", e))?;
+                let attached = s
+                    .program(session)
+                    .and_then(|fd| uprobe_session::attach(fd, &lib.path, site.probe, pid));
+                match attached {
+                    Ok(fd) => {
+                        links.push(Link::Session(fd));
+                        functions.push(display_name(&site.want.symbol).into_owned());
+                        continue;
+                    }
+                    // A process gone is not a reason to give up sessions.
+                    Err(_) if crate::target::has_exited(pid) => {
+                        return Err(UserError::new(
+                            format!("PID {pid} exited while memtrace was attaching its probes"),
+                            "nothing to sample",
+                        ));
+                    }
+                    Err(e) => {
+                        // Sessions failed here: every probe from now on is
+                        // an entry and return pair, and those made already
+                        // stay (they work).
+                        mode = ProbeMode::EntryAndReturn(e.clone());
+                        self.sampled_mut()?.sessions = Some(Err(e));
+                    }
+                }
+            }
+            let scope = UProbeScope::OneProcess(
+                NonZeroU32::new(pid).ok_or_else(|| internal("attach", "pid 0"))?,
+            );
+            links.push(Link::Uprobe(attach_uprobe(
+                &mut self.ebpf,
+                entry,
+                site,
+                lib,
+                scope,
+            )?));
+            if site.want.func.is_some() {
+                links.push(Link::Uprobe(attach_uprobe(
+                    &mut self.ebpf,
+                    ALLOC_EXIT,
+                    site,
+                    lib,
+                    scope,
+                )?));
+            }
+            functions.push(display_name(&site.want.symbol).into_owned());
+        }
+        self.sampled_mut()?
+            .links
+            .entry(pid)
+            .or_default()
+            .extend(links);
+        let probes = Probes {
+            module: lib.display.clone(),
+            allocators: found.allocators.iter().map(|a| a.to_string()).collect(),
+            pids: vec![pid],
+            functions,
+            missing: found
+                .missing
+                .iter()
+                .map(|m| display_name(m).into_owned())
+                .collect(),
+        };
+        Ok((probes, mode))
+    }
+
+    /// Tells the sampled tier where process `pid`'s allocator code is, so
+    /// that calls from inside it are not counted twice.
+    pub fn set_allocator_ranges(&mut self, pid: u32, ranges: &[(u64, u64)]) -> Result<()> {
+        let mut words = [0u64; 2 * MAX_ALLOCATOR_RANGES];
+        for (i, (start, end)) in ranges.iter().take(MAX_ALLOCATOR_RANGES).enumerate() {
+            words[2 * i] = *start;
+            words[2 * i + 1] = *end;
+        }
+        self.sampled_mut()?
+            .ranges
+            .insert(pid, words, 0)
+            .map_err(|e| internal("RANGES", e))
+    }
+
+    /// Removes process `pid`'s sampled probes (it backs off, or exited) and
+    /// forgets its sampled blocks `addrs` (their frees will not be seen).
+    pub fn stop_sampling(&mut self, pid: u32, addrs: &[u64]) {
+        let Some(s) = self.sampled.as_mut() else {
+            return;
+        };
+        let links = s.links.remove(&pid).unwrap_or_default();
+        // Each removal waits for an RCU grace period: in parallel.
+        std::thread::scope(|scope| {
+            for link in links {
+                scope.spawn(move || drop(link));
+            }
+        });
+        for &a in addrs {
+            let _ = s.live.remove(&[u64::from(pid), a]);
+        }
+        let _ = s.ranges.remove(&pid);
+        let _ = s.budgets.remove(&pid);
+    }
+
+    /// Forgets the sampled blocks of a process that exited.
+    pub fn forget_samples(&mut self, pid: u32, addrs: &[u64]) {
+        if let Some(s) = self.sampled.as_mut() {
+            for &a in addrs {
+                let _ = s.live.remove(&[u64::from(pid), a]);
+            }
+            let _ = s.budgets.remove(&pid);
+        }
+    }
+
+    /// The processes whose allocations are sampled now.
+    pub fn sampled_pids(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = self
+            .sampled
+            .as_ref()
+            .map(|s| s.links.keys().copied().collect())
+            .unwrap_or_default();
+        out.sort_unstable();
+        out
+    }
+
+    /// The sampled tier's counters and per-process budget drops.
+    pub fn sample_ledger(&self) -> SampleLedger {
+        let Some(s) = self.sampled.as_ref() else {
+            return SampleLedger::default();
+        };
+        let counters = SampleCounter::ALL
+            .iter()
+            .map(|c| {
+                let sum = s
+                    .counts
+                    .get(&(*c as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (*c, sum)
+            })
+            .collect();
+        let mut budget_dropped: Vec<(u32, u64, u64)> = s
+            .budgets
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(_, b)| b[2] > 0)
+            .map(|(pid, b)| {
+                let b = Budget {
+                    window_ns: b[0],
+                    used: b[1],
+                    dropped: b[2],
+                    dropped_bytes: b[3],
+                };
+                (pid, b.dropped, b.dropped_bytes)
+            })
+            .collect();
+        budget_dropped.sort_unstable();
+        SampleLedger {
+            counters,
+            budget_dropped,
+        }
     }
 }
 

@@ -305,7 +305,7 @@ impl State {
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -583,6 +583,7 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
             follow_forks: target_args.follow_forks,
             copied_stacks,
             python: !target_args.no_python,
+            sampling: None,
         },
     )?;
     if copied_stacks == CopiedStacks::Listed {

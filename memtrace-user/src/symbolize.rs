@@ -229,6 +229,28 @@ impl Symbols {
         }
     }
 
+    /// Forgets process `pid` (it exited and was reported): its snapshot
+    /// goes, and the files only it held open are closed, with their cached
+    /// frames. A long-running agent would otherwise keep every process
+    /// it ever saw.
+    pub fn forget(&mut self, pid: u32) {
+        if self.procs.remove(&pid).is_none() {
+            return;
+        }
+        let mut used = vec![false; self.modules.len()];
+        for p in self.procs.values() {
+            for &m in &p.modules {
+                used[m] = true;
+            }
+        }
+        for (id, module) in self.modules.iter_mut().enumerate() {
+            if !used[id] {
+                module.file = None;
+            }
+        }
+        self.cache.retain(|(m, _), _| used[*m]);
+    }
+
     /// Whether the process was seen (its name and mappings read).
     pub fn knows(&self, pid: u32) -> bool {
         self.procs.contains_key(&pid)

@@ -29,6 +29,29 @@ use prost::Message;
 use super::{Sample, View};
 use crate::symbolize::Frame;
 
+/// What a profile says beyond its samples: the sampling period and labels
+/// every sample carries (the agent's host, cgroup, container).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Meta {
+    /// Mean bytes between samples: 1 for exact tracing (values need no
+    /// scaling either way: sampled values are already estimates).
+    pub period: i64,
+    /// `(key, value)` string labels added to every sample.
+    pub labels: Vec<(String, String)>,
+    /// When the profile was taken, ns since the Unix epoch (0: unknown).
+    pub time_nanos: i64,
+}
+
+impl Default for Meta {
+    fn default() -> Self {
+        Self {
+            period: 1,
+            labels: Vec::new(),
+            time_nanos: 0,
+        }
+    }
+}
+
 /// Writes the samples of `view` as a gzipped pprof profile covering
 /// `duration_s` seconds.
 pub fn render(
@@ -37,7 +60,18 @@ pub fn render(
     duration_s: f64,
     out: &mut dyn Write,
 ) -> io::Result<()> {
-    let bytes = profile(samples, view, duration_s).encode_to_vec();
+    render_with(samples, view, duration_s, &Meta::default(), out)
+}
+
+/// [`render`], with a period and labels.
+pub fn render_with(
+    samples: &[Sample],
+    view: View,
+    duration_s: f64,
+    meta: &Meta,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    let bytes = profile(samples, view, duration_s, meta).encode_to_vec();
     // GzEncoder::new writes mtime 0 into the header: same input, same file.
     let mut gz = GzEncoder::new(out, Compression::default());
     gz.write_all(&bytes)?;
@@ -46,7 +80,7 @@ pub fn render(
 }
 
 /// Builds the profile message.
-fn profile(samples: &[Sample], view: View, duration_s: f64) -> Profile {
+fn profile(samples: &[Sample], view: View, duration_s: f64, meta: &Meta) -> Profile {
     let mut b = Builder::default();
     // Index 0 must be "" (the schema says so; readers rely on it).
     b.string("");
@@ -68,6 +102,15 @@ fn profile(samples: &[Sample], view: View, duration_s: f64) -> Profile {
     };
     let comment = vec![b.string(&format!("memtrace {}", view.name()))];
     let (pid_key, comm_key) = (b.string("pid"), b.string("comm"));
+    let extra: Vec<Label> = meta
+        .labels
+        .iter()
+        .map(|(k, v)| Label {
+            key: b.string(k),
+            str: b.string(v),
+            ..Label::default()
+        })
+        .collect();
     let sample = samples
         .iter()
         .map(|s| {
@@ -87,6 +130,7 @@ fn profile(samples: &[Sample], view: View, duration_s: f64) -> Profile {
                     ..Label::default()
                 });
             }
+            label.extend(extra.iter().cloned());
             ProfileSample {
                 location_id,
                 value: [s.total_count, s.total_bytes, s.live_count, s.live_bytes]
@@ -107,7 +151,8 @@ fn profile(samples: &[Sample], view: View, duration_s: f64) -> Profile {
         string_table: b.strings,
         duration_nanos: (duration_s.max(0.0) * 1e9) as i64,
         period_type: Some(period_type),
-        period: 1,
+        period: meta.period,
+        time_nanos: meta.time_nanos,
         comment,
         default_sample_type,
         ..Profile::default()

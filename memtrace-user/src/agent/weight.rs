@@ -1,0 +1,112 @@
+//! The arithmetic of byte-weighted Poisson sampling, shared by the loader
+//! (which fills the kernel side's table of draws) and the estimates.
+//!
+//! With a mean interval of `T` bytes, an allocation of `s` bytes is sampled
+//! with probability `p(s) = 1 - exp(-s / T)`. Counting each sample as
+//! `1 / p(s)` allocations of `s / p(s)` bytes makes every total an unbiased
+//! estimate: its expected value is the true total, whatever the sizes (the
+//! Horvitz-Thompson estimator; jemalloc's and Go's heap profiles weigh their
+//! samples the same way).
+
+/// The probability that an allocation of `size` bytes is sampled with mean
+/// interval `mean` bytes.
+pub fn probability(size: u64, mean: u64) -> f64 {
+    if mean <= 1 {
+        return 1.0;
+    }
+    // exp_m1 keeps precision for sizes far below the interval.
+    -(-(size as f64) / mean as f64).exp_m1()
+}
+
+/// How many allocations, and how many bytes, one sample of `size` bytes
+/// stands for.
+pub fn weights(size: u64, mean: u64) -> (f64, f64) {
+    let p = probability(size.max(1), mean);
+    (1.0 / p, size as f64 / p)
+}
+
+/// `n` draws of the distance in bytes to the next sample point (exponential
+/// with mean `mean`), at evenly spaced quantiles, scaled so that their mean
+/// is `mean` exactly. The kernel side picks one at random after each
+/// sample; quantiles instead of random draws make the table's mean and
+/// shape exact, whatever `n`.
+pub fn exponential_draws(mean: u64, n: u32) -> Vec<u64> {
+    let n = n.max(1);
+    let raw: Vec<f64> = (0..n)
+        .map(|i| -(1.0 - (f64::from(i) + 0.5) / f64::from(n)).ln())
+        .collect();
+    let sum: f64 = raw.iter().sum();
+    let scale = mean as f64 * f64::from(n) / sum;
+    raw.iter()
+        .map(|r| ((r * scale).round() as u64).max(1))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_allocations_weigh_about_the_interval() {
+        let (count, bytes) = weights(64, 512 * 1024);
+        assert!((count - 8192.5).abs() < 1.0, "{count}");
+        assert!((bytes - 524_320.0).abs() < 64.0, "{bytes}");
+    }
+
+    #[test]
+    fn large_allocations_weigh_themselves() {
+        let (count, bytes) = weights(64 << 20, 512 * 1024);
+        assert_eq!(count, 1.0);
+        assert_eq!(bytes, (64u64 << 20) as f64);
+        // Exact mode: every call is a sample.
+        assert_eq!(weights(100, 1), (1.0, 100.0));
+    }
+
+    #[test]
+    fn draws_have_the_mean_and_an_exponential_shape() {
+        let mean = 512 * 1024;
+        let d = exponential_draws(mean, 4096);
+        let avg = d.iter().sum::<u64>() as f64 / d.len() as f64;
+        assert!((avg - mean as f64).abs() < 2.0, "{avg}");
+        // An exponential's median is mean * ln 2.
+        let mut sorted = d.clone();
+        sorted.sort_unstable();
+        let median = sorted[sorted.len() / 2] as f64;
+        assert!((median / mean as f64 - std::f64::consts::LN_2).abs() < 0.01);
+        assert!(d.iter().all(|&x| x >= 1));
+    }
+
+    /// The estimator is unbiased: simulate the kernel side's countdown with
+    /// the table over a stream of mixed sizes and compare the estimates to
+    /// the truth.
+    #[test]
+    fn simulated_sampling_estimates_totals() {
+        let mean = 64 * 1024;
+        let draws = exponential_draws(mean, 4096);
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut left: i64 = draws[7] as i64;
+        let sizes = [512u64, 4096, 70_000, 1 << 20];
+        let mut truth = [0u64; 4];
+        let mut est = [0f64; 4];
+        for _ in 0..2_000_000 {
+            let k = (next() % 4) as usize;
+            let s = sizes[k];
+            truth[k] += s;
+            left -= s as i64;
+            if left <= 0 {
+                left = draws[(next() % 4096) as usize] as i64;
+                est[k] += weights(s, mean).1;
+            }
+        }
+        for k in 0..4 {
+            let err = (est[k] - truth[k] as f64).abs() / truth[k] as f64;
+            assert!(err < 0.05, "size {}: {err}", sizes[k]);
+        }
+    }
+}
