@@ -50,6 +50,13 @@ const FIXTURES: &[Fixture] = &[
         compiler: None,
     },
     Fixture {
+        source: "agent_fixture.c",
+        output: "agent_fixture",
+        cxx: false,
+        flags: C_FLAGS,
+        compiler: None,
+    },
+    Fixture {
         source: "phases_fixture.c",
         output: "phases_fixture",
         cxx: false,

@@ -8,6 +8,7 @@
 //! note, unless `MEMTRACE_REQUIRE_ROOT=1` asks for a hard failure (CI sets it
 //! so that a skipped suite cannot pass for a green one).
 
+pub mod agent;
 pub mod cgroup;
 pub mod fixture;
 pub mod memtrace;

@@ -130,7 +130,9 @@ impl Memtrace {
                 let Ok(line) = line else { break };
                 // Echoed so that a failing test's captured output shows it.
                 eprintln!("[memtrace] {line}");
-                if line.starts_with("memtrace: tracing") {
+                if line.starts_with("memtrace: tracing")
+                    || line.starts_with("memtrace agent: tracing")
+                {
                     let _ = tracing_tx.send(());
                 }
                 let mut all = collected.lock().unwrap_or_else(|e| e.into_inner());

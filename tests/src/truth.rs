@@ -430,3 +430,29 @@ pub mod python {
     /// totals also count the temporaries of formatting them).
     pub const STRINGS: Site = leaked(100_000, 57);
 }
+
+/// `agent_fixture sample` (fixtures/agent_fixture.c): one stack per
+/// function, each called once from main.
+pub mod agent {
+    use super::{Site, freed, leaked};
+
+    pub const MANY_SMALL: Site = leaked(400_000, 64);
+    /// 14,000 blocks of 1000 + (i % 7) * 500 bytes: 2,000 of each size.
+    pub const MIXED_SIZES: Site = Site {
+        live_bytes: 35_000_000,
+        live_count: 14_000,
+        total_bytes: 35_000_000,
+        total_count: 14_000,
+    };
+    pub const FEW_LARGE: Site = leaked(24, 1 << 20);
+    pub const CHURN_SMALL: Site = freed(1_000_000, 100_000_000);
+    pub const A_LITTLE: Site = leaked(100, 1000);
+
+    pub const SITES: &[(&str, Site)] = &[
+        ("many_small", MANY_SMALL),
+        ("mixed_sizes", MIXED_SIZES),
+        ("few_large", FEW_LARGE),
+        ("churn_small", CHURN_SMALL),
+        ("a_little", A_LITTLE),
+    ];
+}

@@ -3,6 +3,8 @@
 //! (`memtrace_tests::truth`). Every test that traces needs root and skips
 //! itself without it (see `memtrace_tests::require_root`).
 //!
+//! - `agent`: `memtrace agent`: sampled estimates against the truth, profiles
+//!   read by `go tool pprof` and pushed, a real Prometheus, escalation.
 //! - `allocators`: jemalloc, tcmalloc and mimalloc, found by their symbols.
 //! - `pid`: attach to a running fixture with `-p` between its "ready" and
 //!   "go", so only the ground-truth work happens while traced.
@@ -20,6 +22,7 @@
 //! - `shutdown`: SIGTERM's final report; SIGKILL leaves no program or probe;
 //!   a SIGKILLed target is reported whole.
 
+mod agent;
 mod allocators;
 mod cmd;
 mod errors;

@@ -36,9 +36,11 @@ const DEBIAN_PACKAGES: &[&str] = &["gcc", "g++", "libc6-dev", "util-linux", "mak
 /// pprof output, headless Chromium renders its HTML report, python3 runs
 /// the interpreter fixture (`tests/fixtures/py_fixture.py`), and jemalloc,
 /// tcmalloc and mimalloc are preloaded into the C fixture
-/// (`tests/tests/allocators.rs`).
+/// (`tests/tests/allocators.rs`), and a real Prometheus scrapes
+/// `memtrace agent` (`tests/tests/agent.rs`).
 const TEST_PACKAGES: &[&str] = &[
     "golang-go",
+    "prometheus",
     "chromium",
     "python3",
     "libjemalloc2",
