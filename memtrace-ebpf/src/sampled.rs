@@ -172,7 +172,7 @@ fn internal(tgid: u32, ret: u64) -> bool {
 #[inline(always)]
 pub(crate) fn forward_free(pid_tgid: u64, addr: u64) {
     let key = [pid_tgid >> 32, addr];
-    if SAMPLED.remove(&key).is_ok() {
+    if SAMPLED.remove(key).is_ok() {
         bump(SampleCounter::FreesForwarded);
         crate::emit_free(pid_tgid, addr);
     }
@@ -208,11 +208,11 @@ pub(crate) fn on_call(regs: &pt_regs, func: AllocFn, size: u64, arg: u64) -> u32
             }
             return 1;
         }
-        AllocFn::Realloc | AllocFn::Reallocarray | AllocFn::RustRealloc => {
-            // SAFETY: a read-only look at a map value.
-            if arg != 0 && unsafe { SAMPLED.get(&[u64::from(tgid), arg]) }.is_some() {
-                flags |= SAMPLE_OLD;
-            }
+        // SAFETY: a read-only look at a map value.
+        AllocFn::Realloc | AllocFn::Reallocarray | AllocFn::RustRealloc
+            if arg != 0 && unsafe { SAMPLED.get([u64::from(tgid), arg]) }.is_some() =>
+        {
+            flags |= SAMPLE_OLD;
         }
         _ => {}
     }
@@ -326,7 +326,7 @@ pub(crate) fn finish(regs: &pt_regs, pid_tgid: u64, call: &Inflight) {
         return;
     }
     let key = [u64::from(tgid), addr];
-    if SAMPLED.insert(&key, &call.size, 0).is_err() {
+    if SAMPLED.insert(key, call.size, 0).is_err() {
         bump(SampleCounter::TableFull);
         return;
     }

@@ -61,7 +61,7 @@ pub enum Command {
     /// Fleet mode: every process on the host until stopped, kernel
     /// tracepoints for all, sampled allocations for the selected and the
     /// growing; Prometheus metrics and pprof profiles.
-    Agent(crate::agent::AgentArgs),
+    Agent(Box<crate::agent::AgentArgs>),
     /// Internal: continues the processes memtrace stopped if memtrace dies
     /// (started by memtrace itself; see `guard`).
     #[command(hide = true)]

@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Report(r)) => memtrace::replay::run(r),
         Some(Command::Diff(d)) => memtrace::diff::run(d),
-        Some(Command::Agent(a)) => runtime.block_on(memtrace::agent::run(a)),
+        Some(Command::Agent(a)) => runtime.block_on(memtrace::agent::run(*a)),
         Some(Command::Guard { map_id }) => memtrace::guard::run(map_id),
     };
     match result {

@@ -343,10 +343,10 @@ impl Config {
                 return Err(format!("{name} must be a positive number of seconds"));
             }
         }
-        if !(self.calm >= 0.0) {
+        if self.calm.is_nan() || self.calm < 0.0 {
             return Err("--calm must be a number of seconds".into());
         }
-        if self.duration.is_some_and(|d| !(d > 0.0)) {
+        if self.duration.is_some_and(|d| d.is_nan() || d <= 0.0) {
             return Err("--duration must be positive".into());
         }
         if !self.ringbuf_size.is_power_of_two() || self.ringbuf_size > 1024 {

@@ -120,15 +120,17 @@ impl Agent {
             // A pid reused: the process known under it is gone.
             self.gone(*pid);
         }
-        if pid != 0 && !self.ids.contains_key(&pid) && !matches!(ev, Event::Exit { .. }) {
-            if let Some(id) = Identity::read(pid) {
-                self.ids.insert(pid, id);
-                self.new_pids.push(pid);
-                // The kernel side reports RSS as it changes: what it is
-                // already comes from /proc.
-                for seed in target::resident_now(pid, ev.ts_ns()) {
-                    self.host.on_event(&seed);
-                }
+        if pid != 0
+            && !self.ids.contains_key(&pid)
+            && !matches!(ev, Event::Exit { .. })
+            && let Some(id) = Identity::read(pid)
+        {
+            self.ids.insert(pid, id);
+            self.new_pids.push(pid);
+            // The kernel side reports RSS as it changes: what it is already
+            // comes from /proc.
+            for seed in target::resident_now(pid, ev.ts_ns()) {
+                self.host.on_event(&seed);
             }
         }
         match &ev {

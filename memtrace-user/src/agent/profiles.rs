@@ -316,7 +316,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for i in 0..5u64 {
             let p = profile(1, 2_000_000 + i);
-            write_new(&dir.path().join(p.file_name()), &vec![0u8; 100]).unwrap();
+            write_new(&dir.path().join(p.file_name()), &[0u8; 100]).unwrap();
             // Distinct modification times, oldest first.
             let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000 + i);
             let f = std::fs::File::options()
