@@ -585,3 +585,85 @@ fn agent_escalates_a_growing_process_not_a_flat_one() {
     grow.finish_ok();
     flat.finish_ok();
 }
+
+/// A process in a container's cgroup (named as Docker names its scopes) is
+/// selected by `--cgroup` and labelled with its cgroup path and container
+/// id, in the metrics and on every profile sample.
+#[test]
+fn agent_selects_by_cgroup_and_labels_the_container() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    const ID: &str = "5e2b7c9d4a1f3e8b6c0d2a4f6e8b0c1d3e5f7a9b1c3d5e7f9a0b2c4d6e8f0a1b";
+    let cgroup = memtrace_tests::cgroup::MemoryCgroup::create(&format!("docker-{ID}"), 1 << 30)
+        .expect("a cgroup");
+    let mut target = Fixture::spawn(fixture("agent_fixture"), ["--wait", "flat", "4"]);
+    target.wait_ready();
+    let pid = target.pid();
+    cgroup.add(pid).expect("the fixture moved into the cgroup");
+    // The path as the process's /proc/PID/cgroup has it (v2 `0::PATH`, or v1
+    // memory controller's).
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("its cgroup");
+    let path = own
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .find(|p| p.contains(ID))
+        .unwrap_or_else(|| panic!("the fixture is not in the new cgroup: {own}"))
+        .to_string();
+    let dir = TempPath::new("agent-profiles");
+    std::fs::create_dir_all(dir.path()).expect("profile directory");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut agent = Memtrace::spawn([
+        "agent",
+        "--cgroup",
+        &path,
+        "--listen",
+        &listen,
+        "--profile-dir",
+        dir.path().to_str().expect("UTF-8 path"),
+        "--profile-period",
+        "3600",
+        "--sample-bytes",
+        "64KiB",
+        "--escalate-slope",
+        "0",
+    ]);
+    agent.wait_tracing();
+    target.go();
+    target.wait_done();
+    let addr: SocketAddr = listen.parse().expect("address");
+    let (_, metrics) = http_get(addr, "/metrics").expect("scrape");
+    let labels =
+        format!("pid=\"{pid}\",comm=\"agent_fixture\",cgroup=\"{path}\",container=\"{ID}\"");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("memtrace_sampling{") && l.contains(&labels))
+        .unwrap_or_else(|| panic!("no memtrace_sampling series with {labels}:\n{metrics}"));
+    assert!(line.contains("reason=\"selected\""), "{line}");
+    agent.interrupt();
+    agent.wait().assert_status(0);
+    target.finish_ok();
+    let (_, profile) = profile_of(dir.path(), pid);
+    let held: i64 = {
+        let i = profile.index("inuse_space");
+        profile.samples.iter().map(|s| s.values[i]).sum()
+    };
+    assert!(
+        (held - (4 << 20)).abs() <= 8,
+        "4 blocks of 1 MiB: {held} B live"
+    );
+    for s in &profile.samples {
+        assert!(
+            s.labels.contains(&("container_id".into(), ID.to_string())),
+            "{:?}",
+            s.labels
+        );
+        assert!(
+            s.labels.contains(&("cgroup".into(), path.clone())),
+            "{:?}",
+            s.labels
+        );
+    }
+}

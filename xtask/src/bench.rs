@@ -18,6 +18,12 @@
 //!    highest at which memtrace loses nothing and counts every allocation.
 //! 4. memtrace's peak RSS with 1,000,000 live blocks from 100,000 stacks.
 //! 5. Attach latency: from starting `memtrace --pid` to its "tracing" line.
+//! 6. `memtrace agent`: the same loop's cost untraced, under the agent's
+//!    always-on tier (kernel tracepoints only), under its sampled tier
+//!    (`--pid`, one sample per 512 KiB, uprobe sessions) and under exact
+//!    mode (`memtrace --pid`), alternating within each repetition, with each
+//!    tracer's CPU time while the loop ran; the sampled estimate of the
+//!    loop's bytes is checked against the truth (within 10%).
 //!
 //! The report goes to stdout and `target/bench/report.md`; the budgets of
 //! docs/PERFORMANCE.md are checked and printed, not enforced (machines
@@ -44,6 +50,8 @@ pub struct Options {
     pub pairs: u64,
     /// Seconds each sustained rate runs.
     pub seconds: u64,
+    /// Only the agent's section.
+    pub agent_only: bool,
 }
 
 /// The bench's binaries.
@@ -63,6 +71,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let bins = prepare()?;
     let mut out = String::new();
     machine(&mut out);
+    if opts.agent_only {
+        out.push_str(&agent_costs(&bins, opts)?.table());
+        return write_report(&bins, &out);
+    }
 
     let cost = cost(&bins, opts)?;
     let breakdown = breakdown(&bins, opts.pairs)?;
@@ -70,6 +82,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let sustained = sustained(&bins, opts.seconds)?;
     let footprint = footprint(&bins)?;
     let attach = attach_latency(&bins)?;
+    let agent = agent_costs(&bins, opts)?;
 
     out.push_str(&cost.table());
     out.push_str(&breakdown.table(opts.pairs, cost.floor));
@@ -94,6 +107,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         attach.len(),
         median(&attach) * 1e3
     ));
+
+    out.push_str(&agent.table());
 
     let best_rate = sustained
         .iter()
@@ -138,9 +153,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let verdict = if ok { "met" } else { "MISSED" };
         out.push_str(&format!("| {what} | {measured} | {verdict} |\n"));
     }
+    write_report(&bins, &out)
+}
+
+fn write_report(bins: &Bins, out: &str) -> anyhow::Result<()> {
     print!("{out}");
     let path = bins.dir.join("report.md");
-    fs::write(&path, &out).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
     eprintln!("report written to {}", path.display());
     Ok(())
 }
@@ -786,4 +805,276 @@ fn median(v: &[f64]) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// One run of the pair loop under a tracer: ns per pair, and the tracer's
+/// CPU seconds while the loop ran.
+#[derive(Clone, Copy, Default)]
+struct Traced {
+    ns_per_pair: f64,
+    cpu_s: f64,
+    wall_s: f64,
+    /// Bytes the loop allocated.
+    bytes: f64,
+}
+
+/// The agent's tiers and exact mode, side by side.
+struct AgentCost {
+    /// untraced, always-on, sampled, exact; per repetition.
+    runs: Vec<[Traced; 4]>,
+    pairs: u64,
+    /// The sampled tier's estimate of the loop's bytes, and the truth, in
+    /// the last repetition.
+    estimate: (f64, f64),
+    /// The always-on agent's CPU share on the idle host, over 10 s.
+    idle_share: f64,
+}
+
+impl AgentCost {
+    fn col(&self, i: usize) -> Traced {
+        let m =
+            |f: fn(&Traced) -> f64| median(&self.runs.iter().map(|r| f(&r[i])).collect::<Vec<_>>());
+        Traced {
+            ns_per_pair: m(|t| t.ns_per_pair),
+            cpu_s: m(|t| t.cpu_s),
+            wall_s: m(|t| t.wall_s),
+            bytes: m(|t| t.bytes),
+        }
+    }
+
+    fn table(&self) -> String {
+        let mut s = format!(
+            "\n## memtrace agent ({} malloc+free pairs per run, {} runs, medians)\n\n",
+            self.pairs,
+            self.runs.len()
+        );
+        s.push_str("| mode | ns per pair | slowdown | tracer CPU while the loop ran | tracer CPU, % of one core over the loop |\n|---|---:|---:|---:|---:|\n");
+        let base = self.col(0).ns_per_pair;
+        for (i, name) in [
+            "untraced",
+            "agent, always-on tier (kernel tracepoints)",
+            "agent, sampled tier (512 KiB, uprobe sessions)",
+            "memtrace exact (--pid)",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let t = self.col(i);
+            let (cpu, share) = if i == 0 {
+                ("-".to_string(), "-".to_string())
+            } else {
+                (
+                    format!("{:.3} s", t.cpu_s),
+                    format!("{:.1}%", 100.0 * t.cpu_s / t.wall_s.max(1e-9)),
+                )
+            };
+            s.push_str(&format!(
+                "| {name} | {:.0} | {:.2}x | {cpu} | {share} |\n",
+                t.ns_per_pair,
+                t.ns_per_pair / base
+            ));
+        }
+        s.push_str(&format!(
+            "\nThe agent (always-on tier, every process) on this host otherwise idle, over 10 s: {:.2}% of one core.\n",
+            100.0 * self.idle_share
+        ));
+        s.push_str(&format!(
+            "\nThe sampled tier's estimate of the loop's allocated bytes (last run; checked within 4 standard errors): {:.0} against {:.0} exact ({:+.1}%).\n",
+            self.estimate.0,
+            self.estimate.1,
+            100.0 * (self.estimate.0 - self.estimate.1) / self.estimate.1
+        ));
+        s.push_str("\nEvery run (untraced, always-on, sampled, exact), ns per pair:\n\n");
+        for r in &self.runs {
+            s.push_str(&format!(
+                "- {:.0}, {:.0}, {:.0}, {:.0}\n",
+                r[0].ns_per_pair, r[1].ns_per_pair, r[2].ns_per_pair, r[3].ns_per_pair
+            ));
+        }
+        s
+    }
+}
+
+/// CPU seconds process `pid` has used, all its threads, to the
+/// nanosecond (`/proc/PID/task/*/schedstat`, whose first field is the time
+/// on a CPU; `/proc/PID/stat` counts 10 ms ticks).
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let mut ns = 0u64;
+    for task in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(ns as f64 / 1e9)
+}
+
+/// The agent's always-on tier on this host with nothing else running: its
+/// CPU share over `seconds`.
+fn agent_idle(bins: &Bins, args: &[&str], seconds: f64) -> anyhow::Result<f64> {
+    let mut c = Command::new(&bins.memtrace)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_for(
+        c.stderr.take().expect("piped"),
+        "memtrace agent: tracing",
+        "memtrace",
+    )?;
+    let cpu0 = cpu_seconds(c.id())?;
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let cpu1 = cpu_seconds(c.id())?;
+    // SAFETY: kill has no memory-safety preconditions; our child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+    c.wait()?;
+    Ok((cpu1 - cpu0) / seconds)
+}
+
+/// Runs the pair loop (stopped at "ready") under `tracer ARGS` (`{pid}`
+/// replaced by the loop's pid), started and attached first. With `metrics`,
+/// scrapes the tracer there before stopping it.
+fn pairs_under(
+    bins: &Bins,
+    pairs: u64,
+    tracer: Option<&[&str]>,
+    marker: &str,
+    metrics: Option<u16>,
+) -> anyhow::Result<(Traced, Option<String>)> {
+    let fixture = Waiting::start(bins, &["pairs", &pairs.to_string()])?;
+    let pid = fixture.pid().to_string();
+    let mut child = match tracer {
+        Some(args) => {
+            let args: Vec<String> = args.iter().map(|a| a.replace("{pid}", &pid)).collect();
+            let mut c = Command::new(&bins.memtrace)
+                .args(&args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            wait_for(c.stderr.take().expect("piped"), marker, "memtrace")?;
+            Some(c)
+        }
+        None => None,
+    };
+    let cpu0 = match &child {
+        Some(c) => cpu_seconds(c.id())?,
+        None => 0.0,
+    };
+    let line = fixture.go()?;
+    let cpu1 = match &child {
+        Some(c) => cpu_seconds(c.id())?,
+        None => 0.0,
+    };
+    let scraped = match metrics {
+        Some(port) => Some(http_get(port, "/metrics")?),
+        None => None,
+    };
+    if let Some(c) = &mut child {
+        // SAFETY: kill has no memory-safety preconditions; our child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+        c.wait()?;
+    }
+    let r = result_line(&line)?;
+    let ns = r["ns_per_pair"];
+    Ok((
+        Traced {
+            ns_per_pair: ns,
+            cpu_s: cpu1 - cpu0,
+            wall_s: ns * pairs as f64 / 1e9,
+            bytes: r["bytes"],
+        },
+        scraped,
+    ))
+}
+
+/// A plain HTTP GET of `path` on 127.0.0.1:`port`: the body.
+fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    use std::net::TcpStream;
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map_or(text.clone(), |(_, b)| b.to_string()))
+}
+
+fn agent_costs(bins: &Bins, opts: &Options) -> anyhow::Result<AgentCost> {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let common = [
+        "--profile-dir",
+        "off",
+        "--escalate-slope",
+        "0",
+        "--escalate-rss",
+        "0",
+    ];
+    let always: Vec<&str> = ["agent", "--listen", "off"]
+        .iter()
+        .chain(&common)
+        .copied()
+        .collect();
+    let sampled: Vec<&str> = ["agent", "--pid", "{pid}", "--listen", &listen]
+        .iter()
+        .chain(&common)
+        .copied()
+        .collect();
+    let exact = ["--pid", "{pid}", "--output", "/dev/null", "--top", "1"];
+    let mut runs = Vec::new();
+    let mut estimate = (0.0, 0.0);
+    for rep in 0..opts.reps {
+        eprintln!("agent: run {} of {}", rep + 1, opts.reps);
+        let (untraced, _) = pairs_under(bins, opts.pairs, None, "", None)?;
+        let (on, _) = pairs_under(
+            bins,
+            opts.pairs,
+            Some(&always),
+            "memtrace agent: tracing",
+            None,
+        )?;
+        let (smp, scraped) = pairs_under(
+            bins,
+            opts.pairs,
+            Some(&sampled),
+            "memtrace agent: tracing",
+            Some(port),
+        )?;
+        let (ex, _) = pairs_under(bins, opts.pairs, Some(&exact), "memtrace: tracing", None)?;
+        let truth = smp.bytes;
+        let est = scraped
+            .as_deref()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.starts_with("memtrace_heap_allocated_bytes_total{")
+                    && l.contains("comm=\"bench_fixture\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+        // Sizes far below the interval: the estimate's standard error is
+        // about sqrt(interval x bytes).
+        let se = (512.0 * 1024.0 * truth).sqrt();
+        ensure!(
+            (est - truth).abs() <= 4.0 * se,
+            "the agent estimated {est:.0} bytes allocated by the loop; it allocated {truth:.0} \
+             (standard error {se:.0})"
+        );
+        estimate = (est, truth);
+        runs.push([untraced, on, smp, ex]);
+    }
+    let idle_share = agent_idle(bins, &always, 10.0)?;
+    Ok(AgentCost {
+        runs,
+        pairs: opts.pairs,
+        estimate,
+        idle_share,
+    })
 }

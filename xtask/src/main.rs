@@ -77,6 +77,9 @@ enum Command {
         /// Seconds each sustained rate runs.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Only the `memtrace agent` section (its tiers against exact mode).
+        #[arg(long)]
+        agent_only: bool,
     },
 }
 
@@ -93,10 +96,12 @@ fn main() {
             reps,
             pairs,
             seconds,
+            agent_only,
         } => bench::run(&bench::Options {
             reps,
             pairs,
             seconds,
+            agent_only,
         }),
     };
     // The error chain on one line, without a backtrace: failures here are

@@ -432,6 +432,14 @@ mod tests {
         assert!(bad("ringbuf_size = 3").contains("power of two"));
     }
 
+    /// The example shipped in deploy/ is valid and says the defaults.
+    #[test]
+    fn the_deployed_example_parses() {
+        let text = include_str!("../../../deploy/agent.toml");
+        let c = Config::from_toml(&AgentArgs::default(), text).unwrap();
+        assert_eq!(c, Config::resolve(&AgentArgs::default()).unwrap());
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(parse_bytes("4096"), Ok(4096));
