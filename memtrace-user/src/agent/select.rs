@@ -13,8 +13,12 @@ use regex::Regex;
 pub struct Identity {
     /// Its command name (`/proc/PID/comm`).
     pub comm: String,
-    /// Its cgroup (v2 path, or the v1 memory controller's), `/` if none.
+    /// Its cgroup, as labels show it: the unified (v2) path, or on a hybrid
+    /// host where that is the root, the v1 memory controller's; `/` if none.
     pub cgroup: String,
+    /// Every distinct cgroup path it has, one per hierarchy (selection
+    /// matches any).
+    pub cgroups: Vec<String>,
     /// The container id in the cgroup path (64 hex digits of Docker,
     /// containerd, CRI-O, Podman), if any.
     pub container: Option<String>,
@@ -24,36 +28,57 @@ impl Identity {
     /// Reads process `pid`'s identity; `None` if it is gone.
     pub fn read(pid: u32) -> Option<Self> {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .map(|c| cgroup_path(&c))
-            .unwrap_or_else(|_| "/".into());
-        let container = container_id(&cgroup);
+        let contents = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let cgroups = cgroup_paths(&contents);
+        let container = std::iter::once(cgroup_path(&contents))
+            .chain(cgroups.iter().cloned())
+            .find_map(|p| container_id(&p));
         Some(Self {
             comm: comm.trim_end().to_string(),
-            cgroup,
+            cgroup: cgroup_path(&contents),
+            cgroups,
             container,
         })
     }
 }
 
-/// The cgroup path in the contents of `/proc/PID/cgroup`: the unified
-/// (v2) hierarchy's `0::PATH`, else the v1 memory controller's.
+/// The cgroup path in the contents of `/proc/PID/cgroup` that labels a
+/// process: the unified (v2) hierarchy's `0::PATH`, unless it is the root
+/// and the v1 memory controller has a path (a hybrid host), then that.
 pub fn cgroup_path(contents: &str) -> String {
-    let mut v1 = None;
-    for line in contents.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
+    let (mut v2, mut memory) = (None, None);
+    for (id, controllers, path) in lines(contents) {
         if id == "0" && controllers.is_empty() {
-            return path.to_string();
-        }
-        if controllers.split(',').any(|c| c == "memory") {
-            v1 = Some(path.to_string());
+            v2 = Some(path);
+        } else if controllers.split(',').any(|c| c == "memory") {
+            memory = Some(path);
         }
     }
-    v1.unwrap_or_else(|| "/".into())
+    match (v2, memory) {
+        (Some(v2), Some(m)) if v2 == "/" => m.to_string(),
+        (Some(v2), _) => v2.to_string(),
+        (None, Some(m)) => m.to_string(),
+        (None, None) => "/".into(),
+    }
+}
+
+/// Every distinct path in `/proc/PID/cgroup`.
+pub fn cgroup_paths(contents: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (_, _, path) in lines(contents) {
+        if !out.iter().any(|p| p == path) {
+            out.push(path.to_string());
+        }
+    }
+    out
+}
+
+/// `id:controllers:path` lines.
+fn lines(contents: &str) -> impl Iterator<Item = (&str, &str, &str)> {
+    contents.lines().filter_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        Some((parts.next()?, parts.next()?, parts.next()?))
+    })
 }
 
 /// The container id in a cgroup path: the last run of 64 hex digits in a
@@ -94,7 +119,10 @@ impl Selector {
     pub fn matches(&self, pid: u32, id: &Identity) -> bool {
         self.pids.contains(&pid)
             || self.comm.as_ref().is_some_and(|r| r.is_match(&id.comm))
-            || self.cgroups.iter().any(|c| under(&id.cgroup, c))
+            || self
+                .cgroups
+                .iter()
+                .any(|c| under(&id.cgroup, c) || id.cgroups.iter().any(|path| under(path, c)))
     }
 }
 
@@ -115,7 +143,7 @@ mod tests {
     const ID: &str = "3f1c0a4b9e2d8c7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f";
 
     #[test]
-    fn cgroup_paths() {
+    fn cgroup_paths_are_read() {
         assert_eq!(
             cgroup_path("0::/system.slice/nginx.service\n"),
             "/system.slice/nginx.service"
@@ -125,6 +153,10 @@ mod tests {
             "/docker/x"
         );
         assert_eq!(cgroup_path(""), "/");
+        // A hybrid host: the unified hierarchy's root says nothing.
+        let hybrid = "4:memory:/process_api/x\n1:cpu:/\n0::/\n";
+        assert_eq!(cgroup_path(hybrid), "/process_api/x");
+        assert_eq!(cgroup_paths(hybrid), ["/process_api/x", "/"]);
     }
 
     #[test]
@@ -152,6 +184,7 @@ mod tests {
         let id = |comm: &str, cgroup: &str| Identity {
             comm: comm.into(),
             cgroup: cgroup.into(),
+            cgroups: vec![cgroup.into()],
             container: None,
         };
         assert!(s.matches(1, &id("postgres", "/")));
