@@ -565,14 +565,7 @@ impl Tracer {
     pub fn counters(&self) -> Vec<(Counter, u64)> {
         Counter::ALL
             .iter()
-            .map(|c| {
-                let sum = self
-                    .counts
-                    .get(&(*c as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
-                (*c, sum)
-            })
+            .map(|c| (*c, summed(&self.counts, *c as u32)))
             .collect()
     }
 }
@@ -871,14 +864,7 @@ impl Tracer {
         };
         let counters = SampleCounter::ALL
             .iter()
-            .map(|c| {
-                let sum = s
-                    .counts
-                    .get(&(*c as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
-                (*c, sum)
-            })
+            .map(|c| (*c, summed(&s.counts, *c as u32)))
             .collect();
         let mut budget_dropped: Vec<(u32, u64, u64)> = s
             .budgets
@@ -901,6 +887,12 @@ impl Tracer {
             budget_dropped,
         }
     }
+}
+
+/// Slot `slot` of a per-CPU counter array, summed over CPUs (0 if
+/// unreadable).
+fn summed(counts: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
+    counts.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
 
 /// Attaches program `name` at `site`'s probe point.

@@ -316,7 +316,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Whether an address-space call may have mapped code (for symbols).
-fn maps_code(call: &VmCall) -> bool {
+pub fn maps_code(call: &VmCall) -> bool {
     match call {
         VmCall::Mmap { prot, .. } => *prot & libc::PROT_EXEC as u32 != 0,
         VmCall::Mremap { .. } => true,

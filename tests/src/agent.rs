@@ -224,6 +224,16 @@ impl DecodedProfile {
             .unwrap_or_else(|| panic!("no sample type {name} in {:?}", self.sample_types))
     }
 
+    /// Value `name` summed over the samples whose stack holds `function`.
+    pub fn sum_through(&self, function: &str, name: &str) -> i64 {
+        let i = self.index(name);
+        self.samples
+            .iter()
+            .filter(|s| s.functions.iter().any(|f| f == function))
+            .map(|s| s.values[i])
+            .sum()
+    }
+
     /// Value `name` summed over the samples whose innermost function is
     /// `function`.
     pub fn sum_for(&self, function: &str, name: &str) -> i64 {

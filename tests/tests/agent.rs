@@ -667,3 +667,47 @@ fn agent_selects_by_cgroup_and_labels_the_container() {
         );
     }
 }
+
+/// A program without frame pointers (`nofp_fixture`, C++ -O2): the agent
+/// copies its sampled stacks and walks them by DWARF, so each caller's
+/// site is found. With one sample per byte every allocation is a sample of
+/// weight 1, so the sites are exact.
+#[test]
+fn agent_walks_stacks_without_frame_pointers_by_dwarf() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let dir = TempPath::new("agent-profiles");
+    std::fs::create_dir_all(dir.path()).expect("profile directory");
+    let mut target = Fixture::spawn(fixture("nofp_fixture"), ["--wait"]);
+    target.wait_ready();
+    let pid = target.pid();
+    let mut agent = agent_for(pid, dir.path(), &["--sample-bytes", "1", "--budget", "0"]);
+    target.go();
+    target.wait_done();
+    agent.interrupt();
+    let out = agent.wait();
+    out.assert_status(0);
+    target.finish_ok();
+    assert!(out.stderr.contains("stacks_cut=0"), "{}", out.stderr);
+    let name = format!("-{pid}-");
+    let file = std::fs::read_dir(dir.path())
+        .expect("profile directory")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.to_string_lossy().contains(&name))
+        .expect("a profile of the fixture");
+    let profile = decode_profile(&std::fs::read(&file).expect("profile"));
+    for (function, site) in memtrace_tests::truth::nofp::SITES {
+        let got = [
+            profile.sum_through(function, "alloc_space"),
+            profile.sum_through(function, "alloc_objects"),
+            profile.sum_through(function, "inuse_space"),
+        ];
+        let want = [site.total_bytes, site.total_count, site.live_bytes].map(|v| v as i64);
+        assert_eq!(
+            got, want,
+            "{function}: (allocated bytes, allocations, live bytes)"
+        );
+    }
+}

@@ -38,8 +38,10 @@ use crate::error::{Result, UserError};
 use crate::event::{self, Event};
 use crate::load::{CopiedStacks, KernelOptions, ProbeMode, Sampling, Tracer};
 use crate::report::{Sample, SelfUsage};
+use crate::session::maps_code;
 use crate::symbolize::{Frame, Symbolize as _, Symbols};
 use crate::target;
+use crate::unwind::{self, StackUnwinder};
 pub use config::AgentArgs;
 use config::Config;
 use escalate::{Decision, Escalator, Policy};
@@ -76,6 +78,9 @@ struct Agent {
     cfg: Config,
     tracer: Tracer,
     symbols: Symbols,
+    /// Walks the stacks copied for sampled processes without frame
+    /// pointers (`--unwind auto`'s choice, per program).
+    unwinder: StackUnwinder,
     est: Estimates,
     host: HostTier,
     esc: Escalator,
@@ -109,7 +114,15 @@ impl Agent {
     fn handle(&mut self, bytes: &[u8]) {
         self.records += 1;
         match event::decode(bytes) {
-            Ok(ev) => self.apply(ev),
+            Ok(mut ev) => {
+                // A copied stack: walked here, while the process lives.
+                if let Event::Alloc(a) = &mut ev
+                    && let Ok(raw) = event::raw_stack(bytes)
+                {
+                    a.stack = self.unwinder.unwind(a.pid, &raw);
+                }
+                self.apply(ev)
+            }
             Err(_) => self.decode_errors += 1,
         }
     }
@@ -151,16 +164,24 @@ impl Agent {
                 // A new program maps other libraries: probe it anew.
                 if let Some(why) = self.sampled.get(pid).copied() {
                     self.tracer.stop_sampling(*pid, &[]);
+                    self.tracer.unwind_by_frame_pointers(*pid);
+                    self.unwinder.forget(*pid);
                     self.sampled.remove(pid);
                     self.start_sampling(*pid, why);
                 } else {
                     self.new_pids.push(*pid);
                 }
             }
+            Event::Vm(v) if maps_code(&v.call) => {
+                self.host.on_event(&ev);
+                self.symbols.maps_changed(v.pid);
+                self.unwinder.maps_changed(v.pid);
+            }
             Event::Exit { pid, .. } => {
                 self.host.on_event(&ev);
                 self.est.on_event(&ev);
                 self.esc.forget(*pid);
+                self.unwinder.forget(*pid);
                 if self.sampled.remove(pid).is_some() {
                     let addrs = self
                         .est
@@ -226,6 +247,17 @@ impl Agent {
             eprintln!("memtrace agent: PID {pid} ({comm}): {}", e.message);
             return;
         }
+        // A program without frame pointers gets its stacks copied and
+        // walked by DWARF: samples are rare, so the copies are cheap.
+        let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
+        if !unwind::frame_pointers(&exe)
+            && self
+                .tracer
+                .unwind_in_user_space(pid, unwind::main_stack_top(pid))
+                .is_ok()
+        {
+            self.unwinder.refresh(pid);
+        }
         self.sampled.insert(pid, why);
         let mut probed = Vec::new();
         for lib in &libs {
@@ -256,6 +288,7 @@ impl Agent {
         if probed.is_empty() {
             self.sampled.remove(&pid);
             self.tracer.stop_sampling(pid, &[]);
+            self.tracer.unwind_by_frame_pointers(pid);
             return;
         }
         self.est.resume(pid);
@@ -270,6 +303,8 @@ impl Agent {
         if self.sampled.remove(&pid).is_some() {
             let addrs = self.est.stop(pid);
             self.tracer.stop_sampling(pid, &addrs);
+            self.tracer.unwind_by_frame_pointers(pid);
+            self.unwinder.forget(pid);
         }
     }
 
@@ -438,6 +473,7 @@ impl Agent {
             self.host.processes_over_cap + self.est.processes_over_cap,
         ));
         out.push(("escalations_deferred".into(), self.esc.deferred));
+        out.push((unwind::STACKS_CUT.into(), self.unwinder.stats().cut));
         out
     }
 
@@ -615,7 +651,7 @@ pub async fn run(args: AgentArgs) -> Result<i32> {
             kernel_allocations: cfg.kernel,
             probe_cost: false,
             follow_forks: false,
-            copied_stacks: CopiedStacks::None,
+            copied_stacks: CopiedStacks::Listed,
             python: false,
             sampling: Some(Sampling {
                 mean_bytes: cfg.sample_bytes,
@@ -668,6 +704,7 @@ pub async fn run(args: AgentArgs) -> Result<i32> {
         started: Instant::now(),
         period_from: unix_s(),
         symbols: Symbols::new(),
+        unwinder: StackUnwinder::new(),
         tracer,
         cfg,
     };
