@@ -55,7 +55,7 @@ pub fn cgroup_path(contents: &str) -> String {
         }
     }
     match (v2, memory) {
-        (Some(v2), Some(m)) if v2 == "/" => m.to_string(),
+        (Some("/"), Some(m)) => m.to_string(),
         (Some(v2), _) => v2.to_string(),
         (None, Some(m)) => m.to_string(),
         (None, None) => "/".into(),
