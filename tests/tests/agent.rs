@@ -711,3 +711,70 @@ fn agent_walks_stacks_without_frame_pointers_by_dwarf() {
         );
     }
 }
+
+/// The always-on tier's page-fault profiles: with every fault's stack
+/// taken (`--fault-sample 1`), the profile of a process that writes 16 MiB
+/// says the code that wrote them made 16 MiB resident, without any
+/// allocator probe on it.
+#[test]
+fn agent_profiles_the_faults_that_made_memory_resident() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let dir = TempPath::new("agent-profiles");
+    std::fs::create_dir_all(dir.path()).expect("profile directory");
+    let mut target = Fixture::spawn(fixture("agent_fixture"), ["--wait", "flat", "16"]);
+    target.wait_ready();
+    let pid = target.pid();
+    let mut agent = Memtrace::spawn([
+        "agent",
+        "--listen",
+        "off",
+        "--profile-dir",
+        dir.path().to_str().expect("UTF-8 path"),
+        "--profile-period",
+        "3600",
+        "--fault-sample",
+        "1",
+        "--escalate-slope",
+        "0",
+    ]);
+    agent.wait_tracing();
+    target.go();
+    target.wait_done();
+    agent.interrupt();
+    agent.wait().assert_status(0);
+    target.finish_ok();
+    let name = format!("memtrace-faults-agent_fixture-{pid}-");
+    let file = std::fs::read_dir(dir.path())
+        .expect("profile directory")
+        .map(|e| e.expect("entry").path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&name))
+        })
+        .unwrap_or_else(|| panic!("no {name}* in {}", dir.path().display()));
+    let profile = decode_profile(&std::fs::read(&file).expect("profile"));
+    assert_eq!(profile.sample_types, ["faults", "resident_space"]);
+    // 16 blocks of 256 pages, each block's first page faulted in by malloc
+    // writing its header (in libc, whose stacks stop there).
+    let bytes = profile.sum_through("hold_mib", "resident_space");
+    let mib = 1 << 20;
+    assert!(
+        (15 * mib..=17 * mib).contains(&bytes),
+        "hold_mib touched 16 MiB; its faults made {bytes} B resident"
+    );
+    assert!(profile.sum_through("hold_mib", "faults") >= 16 * 256 / 2);
+    // No allocator was probed: no heap profile.
+    assert!(
+        !std::fs::read_dir(dir.path())
+            .expect("profile directory")
+            .any(|e| e
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .starts_with("memtrace-agent_fixture")),
+        "a heap profile without sampling"
+    );
+}

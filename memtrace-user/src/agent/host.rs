@@ -34,6 +34,19 @@ pub struct FaultStack {
     pub faults: u64,
     /// Bytes they made resident.
     pub bytes: u64,
+    /// Faults and bytes as of the last profile.
+    exported: (u64, u64),
+}
+
+/// One fault stack's figures over a profile period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeriodFaults {
+    /// Index into [`HostProcess::fault_stacks`].
+    pub index: usize,
+    /// Sampled faults in the period.
+    pub faults: u64,
+    /// Bytes they made resident.
+    pub bytes: u64,
 }
 
 /// One process as the kernel side saw it.
@@ -225,6 +238,27 @@ impl HostTier {
         self.processes.get(&pid)
     }
 
+    /// The fault stacks of `pid` with new sampled faults since the last
+    /// call, and those figures.
+    pub fn fault_period(&mut self, pid: u32) -> Vec<PeriodFaults> {
+        let Some(p) = self.processes.get_mut(&pid) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (index, s) in p.fault_stacks.iter_mut().enumerate() {
+            let (faults, bytes) = (s.faults - s.exported.0, s.bytes - s.exported.1);
+            s.exported = (s.faults, s.bytes);
+            if faults > 0 {
+                out.push(PeriodFaults {
+                    index,
+                    faults,
+                    bytes,
+                });
+            }
+        }
+        out
+    }
+
     /// Removes the processes that exited, after their last export.
     pub fn take_exited(&mut self) -> Vec<u32> {
         let gone: Vec<u32> = self
@@ -317,6 +351,10 @@ mod tests {
         assert_eq!(p.brk_bytes, 0x20000);
         assert_eq!((p.kernel_bytes, p.kernel_allocated_bytes), (0, 128));
         assert_eq!(h.processes_over_cap, 1);
+        let period = h.fault_period(1);
+        assert_eq!(period.len(), 1);
+        assert_eq!((period[0].faults, period[0].bytes), (2, 8192));
+        assert!(h.fault_period(1).is_empty());
         h.on_event(&Event::Exit { pid: 1, ts_ns: 9 });
         assert_eq!(h.take_exited(), vec![1]);
         assert!(!h.knows(1));

@@ -121,8 +121,10 @@ pub struct Health {
     pub records_per_second: f64,
     /// Everything lost or not kept, by reason (every reason, zeros too).
     pub lost: Vec<(String, u64)>,
-    /// Own resident memory, peak.
+    /// Own resident memory now.
     pub rss_bytes: u64,
+    /// Own resident memory, peak.
+    pub peak_rss_bytes: u64,
     /// Own CPU time.
     pub cpu_seconds: f64,
     /// Processes tracked by the always-on tier.
@@ -331,9 +333,15 @@ impl Collector for Snapshot {
             ),
             (
                 "self_rss_bytes",
-                "memtrace's own peak resident memory",
+                "memtrace's own resident memory (its ring buffer's pages count twice)",
                 MetricType::Gauge,
                 h.rss_bytes as f64,
+            ),
+            (
+                "self_peak_rss_bytes",
+                "memtrace's own peak resident memory",
+                MetricType::Gauge,
+                h.peak_rss_bytes as f64,
             ),
             (
                 "self_cpu_seconds",

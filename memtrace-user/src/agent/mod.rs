@@ -37,6 +37,7 @@ use crate::attach::{self, LibKind};
 use crate::error::{Result, UserError};
 use crate::event::{self, Event};
 use crate::load::{CopiedStacks, KernelOptions, ProbeMode, Sampling, Tracer};
+use crate::report::pprof::Kind;
 use crate::report::{Sample, SelfUsage};
 use crate::session::maps_code;
 use crate::symbolize::{Frame, Symbolize as _, Symbols};
@@ -171,6 +172,11 @@ impl Agent {
                 } else {
                     self.new_pids.push(*pid);
                 }
+            }
+            // A sampled fault's stack: its files opened while it lives.
+            Event::Rss(r) if r.sampled && !r.stack.is_empty() => {
+                self.symbols.observe(r.pid, &r.stack);
+                self.host.on_event(&ev);
             }
             Event::Vm(v) if maps_code(&v.call) => {
                 self.host.on_event(&ev);
@@ -405,14 +411,9 @@ impl Agent {
                     total_count: s.alloc_count.round() as u64,
                 })
                 .collect();
-            let mut labels = vec![
-                ("host".to_string(), self.host_name.clone()),
-                ("cgroup".to_string(), id.cgroup.clone()),
-            ];
-            if let Some(c) = &id.container {
-                labels.push(("container_id".to_string(), c.clone()));
-            }
+            let labels = self.labels(&id);
             match profiles::Profile::encode(
+                Kind::Heap,
                 pid,
                 &comm,
                 &samples,
@@ -425,6 +426,7 @@ impl Agent {
                 Err(e) => eprintln!("memtrace agent: cannot encode the profile of PID {pid}: {e}"),
             }
         }
+        self.write_fault_profiles(until);
         self.period_from = until;
         for p in self.est.take_exited() {
             if !self.host.knows(p.pid) {
@@ -438,6 +440,75 @@ impl Agent {
                 self.symbols.forget(pid);
             }
         }
+    }
+
+    /// The always-on tier's profiles: where the sampled page faults of the
+    /// period were taken, for the `--top` processes with the most bytes
+    /// made resident by them. One fault in `--fault-sample` has its stack
+    /// taken: values are scaled by that, estimates like the heap's.
+    fn write_fault_profiles(&mut self, until: u64) {
+        let pids: Vec<u32> = self.host.processes().map(|p| p.pid).collect();
+        let mut periods: Vec<(u32, Vec<host::PeriodFaults>)> = pids
+            .into_iter()
+            .map(|pid| (pid, self.host.fault_period(pid)))
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
+        let bytes = |p: &[host::PeriodFaults]| p.iter().map(|f| f.bytes).sum::<u64>();
+        periods.sort_by_key(|(pid, p)| (std::cmp::Reverse(bytes(p)), *pid));
+        periods.truncate(self.cfg.top);
+        for (pid, period) in periods {
+            let Some(p) = self.host.process_ref(pid) else {
+                continue;
+            };
+            let stacks: Vec<Box<[u64]>> = period
+                .iter()
+                .map(|f| p.fault_stacks[f.index].frames.clone())
+                .collect();
+            let id = self.ids.get(&pid).cloned().unwrap_or_default();
+            let comm = self.symbols.comm(pid).unwrap_or(id.comm.clone());
+            let samples: Vec<Sample> = period
+                .iter()
+                .zip(stacks)
+                .map(|(f, frames)| Sample {
+                    pid,
+                    comm: Some(comm.clone()),
+                    frames: self.symbols.frames(pid, &frames),
+                    live_bytes: 0,
+                    live_count: 0,
+                    total_bytes: f.bytes * u64::from(self.cfg.fault_sample),
+                    total_count: f.faults * u64::from(self.cfg.fault_sample),
+                })
+                .collect();
+            let encoded = profiles::Profile::encode(
+                Kind::Faults,
+                pid,
+                &comm,
+                &samples,
+                self.labels(&id),
+                u64::from(self.cfg.fault_sample),
+                self.period_from,
+                until,
+            );
+            match encoded {
+                Ok(profile) => self.sink.deliver(profile),
+                Err(e) => {
+                    eprintln!("memtrace agent: cannot encode the fault profile of PID {pid}: {e}")
+                }
+            }
+        }
+    }
+
+    /// The labels every profile sample of a process carries besides pid and
+    /// comm.
+    fn labels(&self, id: &Identity) -> Vec<(String, String)> {
+        let mut labels = vec![
+            ("host".to_string(), self.host_name.clone()),
+            ("cgroup".to_string(), id.cgroup.clone()),
+        ];
+        if let Some(c) = &id.container {
+            labels.push(("container_id".to_string(), c.clone()));
+        }
+        labels
     }
 
     /// Everything lost or not kept, by reason.
@@ -515,7 +586,8 @@ impl Agent {
             records: self.records,
             records_per_second: self.records_rate.2,
             lost: self.losses(),
-            rss_bytes: own.peak_rss_bytes,
+            rss_bytes: own_rss(),
+            peak_rss_bytes: own.peak_rss_bytes,
             cpu_seconds: own.cpu_seconds,
             processes: self.host.processes().count() as u64,
             sampled_processes: self.sampled.len() as u64,
@@ -569,6 +641,17 @@ fn allocator_ranges(pid: u32, libs: &[attach::Library]) -> Vec<(u64, u64)> {
         .filter(|m| exe.is_none_or(|(_, ino)| ino != m.inode))
         .map(|m| (m.start, m.end))
         .collect()
+}
+
+/// memtrace's resident memory now (`/proc/self/statm`), bytes.
+fn own_rss() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(0) as u64
 }
 
 fn host_name() -> String {

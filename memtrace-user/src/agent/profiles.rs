@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::report::pprof::{self, Meta};
+use crate::report::pprof::{self, Kind, Meta};
 use crate::report::{Sample, View};
 
 /// Files written here start with this (rotation touches no other file).
@@ -24,6 +24,8 @@ const PREFIX: &str = "memtrace-";
 /// One process's profile, encoded.
 #[derive(Clone, Debug)]
 pub struct Profile {
+    /// Heap (the sampled tier) or page faults (the always-on tier).
+    pub kind: Kind,
     /// Process id.
     pub pid: u32,
     /// Its command name.
@@ -39,8 +41,11 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// Encodes `samples` (one process's) with `labels` and period `period`.
+    /// Encodes `samples` (one process's) of `kind` with `labels` and period
+    /// `period`.
+    #[expect(clippy::too_many_arguments, reason = "one profile's every part, named")]
     pub fn encode(
+        kind: Kind,
         pid: u32,
         comm: &str,
         samples: &[Sample],
@@ -51,6 +56,7 @@ impl Profile {
     ) -> io::Result<Self> {
         let mut bytes = Vec::new();
         let meta = Meta {
+            kind,
             period: period as i64,
             labels: labels.clone(),
             time_nanos: (from_s as i64).saturating_mul(1_000_000_000),
@@ -63,6 +69,7 @@ impl Profile {
         ];
         all.extend(labels);
         Ok(Self {
+            kind,
             pid,
             comm: comm.to_string(),
             labels: all,
@@ -72,7 +79,8 @@ impl Profile {
         })
     }
 
-    /// Its file name: `memtrace-COMM-PID-UNTIL.pb.gz`.
+    /// Its file name: `memtrace-COMM-PID-UNTIL.pb.gz`, or
+    /// `memtrace-faults-COMM-PID-UNTIL.pb.gz`.
     pub fn file_name(&self) -> String {
         let comm: String = self
             .comm
@@ -85,7 +93,11 @@ impl Profile {
                 }
             })
             .collect();
-        format!("{PREFIX}{comm}-{}-{}.pb.gz", self.pid, self.until_s)
+        let kind = match self.kind {
+            Kind::Heap => "",
+            Kind::Faults => "faults-",
+        };
+        format!("{PREFIX}{kind}{comm}-{}-{}.pb.gz", self.pid, self.until_s)
     }
 }
 
@@ -289,6 +301,7 @@ mod tests {
 
     fn profile(pid: u32, until: u64) -> Profile {
         Profile::encode(
+            Kind::Heap,
             pid,
             "my app",
             &[],

@@ -29,10 +29,25 @@ use prost::Message;
 use super::{Sample, View};
 use crate::symbolize::Frame;
 
+/// What a profile's values are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kind {
+    /// A Go-style heap profile: `alloc_objects`, `alloc_space`,
+    /// `inuse_objects`, `inuse_space`.
+    #[default]
+    Heap,
+    /// Page faults that made memory resident: `faults` (count) and
+    /// `resident_space` (bytes), from each sample's `total_count` and
+    /// `total_bytes`.
+    Faults,
+}
+
 /// What a profile says beyond its samples: the sampling period and labels
 /// every sample carries (the agent's host, cgroup, container).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Meta {
+    /// What the values are.
+    pub kind: Kind,
     /// Mean bytes between samples: 1 for exact tracing (values need no
     /// scaling either way: sampled values are already estimates).
     pub period: i64,
@@ -45,6 +60,7 @@ pub struct Meta {
 impl Default for Meta {
     fn default() -> Self {
         Self {
+            kind: Kind::Heap,
             period: 1,
             labels: Vec::new(),
             time_nanos: 0,
@@ -89,18 +105,42 @@ fn profile(samples: &[Sample], view: View, duration_s: f64, meta: &Meta) -> Prof
         unit: b.string(unit),
     };
     // The order of the values in every sample.
-    let sample_type = vec![
-        value_type("alloc_objects", "count"),
-        value_type("alloc_space", "bytes"),
-        value_type("inuse_objects", "count"),
-        value_type("inuse_space", "bytes"),
-    ];
-    let period_type = value_type("space", "bytes");
-    let default_sample_type = match view {
-        View::Temporary => sample_type[1].r#type,
-        _ => sample_type[3].r#type,
+    let (sample_type, period_type, default_sample_type, comment) = match meta.kind {
+        Kind::Heap => {
+            let sample_type = vec![
+                value_type("alloc_objects", "count"),
+                value_type("alloc_space", "bytes"),
+                value_type("inuse_objects", "count"),
+                value_type("inuse_space", "bytes"),
+            ];
+            let period_type = value_type("space", "bytes");
+            let default = match view {
+                View::Temporary => sample_type[1].r#type,
+                _ => sample_type[3].r#type,
+            };
+            (
+                sample_type,
+                period_type,
+                default,
+                format!("memtrace {}", view.name()),
+            )
+        }
+        Kind::Faults => {
+            let sample_type = vec![
+                value_type("faults", "count"),
+                value_type("resident_space", "bytes"),
+            ];
+            let period_type = value_type("faults", "count");
+            let default = sample_type[1].r#type;
+            (
+                sample_type,
+                period_type,
+                default,
+                "memtrace page faults".to_string(),
+            )
+        }
     };
-    let comment = vec![b.string(&format!("memtrace {}", view.name()))];
+    let comment = vec![b.string(&comment)];
     let (pid_key, comm_key) = (b.string("pid"), b.string("comm"));
     let extra: Vec<Label> = meta
         .labels
@@ -131,10 +171,15 @@ fn profile(samples: &[Sample], view: View, duration_s: f64, meta: &Meta) -> Prof
                 });
             }
             label.extend(extra.iter().cloned());
+            let values: &[u64] = match meta.kind {
+                Kind::Heap => &[s.total_count, s.total_bytes, s.live_count, s.live_bytes],
+                Kind::Faults => &[s.total_count, s.total_bytes],
+            };
             ProfileSample {
                 location_id,
-                value: [s.total_count, s.total_bytes, s.live_count, s.live_bytes]
-                    .into_iter()
+                value: values
+                    .iter()
+                    .copied()
                     .map(|v| i64::try_from(v).unwrap_or(i64::MAX))
                     .collect(),
                 label,
