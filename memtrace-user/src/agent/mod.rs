@@ -188,6 +188,7 @@ impl Agent {
                 self.est.on_event(&ev);
                 self.esc.forget(*pid);
                 self.unwinder.forget(*pid);
+                self.unprobeable.remove(pid);
                 if self.sampled.remove(pid).is_some() {
                     let addrs = self
                         .est
