@@ -518,7 +518,11 @@ pub struct Inflight {
     pub size: u64,
     /// realloc: the old pointer; posix_memalign: where the result is stored.
     pub arg: u64,
-    /// Entry time.
+    /// Entry time (exact mode reads it for reallocs only). Sampled mode:
+    /// the return address the call will return to. A uprobe session runs
+    /// one program at entry and at return; at return the instruction
+    /// pointer is this address and the stack pointer 8 above the entry's,
+    /// which tells the two runs apart.
     pub ts_ns: u64,
     /// An [`AllocFn`] discriminant.
     pub func: u16,
@@ -526,11 +530,6 @@ pub struct Inflight {
     pub nested: u16,
     /// Sampled mode: [`SAMPLE_OLD`] and [`SAMPLE_NEW`]; zero otherwise.
     pub flags: u32,
-    /// Sampled mode: the return address the call will return to. A uprobe
-    /// session runs one program at entry and at return; at return the
-    /// instruction pointer is this address and the stack pointer 8 above
-    /// the entry's, which tells the two runs apart.
-    pub ret: u64,
 }
 
 /// Per-thread stack of allocator calls in flight, keyed by thread id.
@@ -1056,8 +1055,8 @@ mod tests {
         assert_eq!(AllocStackRecord::FIXED_LEN, 24 + 8 * 4 + 8 + 8 * 3);
         assert_eq!(offset_of!(AllocStackRecord, func), 56);
         assert_eq!(size_of::<FreeRecord>(), 32);
-        assert_eq!(size_of::<Inflight>(), 48);
-        assert_eq!(size_of::<InflightStack>(), 8 + 48 * MAX_NEST);
+        assert_eq!(size_of::<Inflight>(), 40);
+        assert_eq!(size_of::<InflightStack>(), 8 + 40 * MAX_NEST);
         assert_eq!(size_of::<Budget>(), 32);
         assert_eq!(size_of::<AllocatorRanges>(), 16 * MAX_ALLOCATOR_RANGES);
         assert_eq!(SampleCounter::ALL.len(), SAMPLE_COUNTERS as usize);

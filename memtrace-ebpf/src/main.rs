@@ -365,11 +365,6 @@ pub(crate) fn slot_mut(st: &mut InflightStack, i: usize) -> Option<&mut Inflight
 /// Entry of an allocator function: push the call on the thread's stack.
 #[inline(always)]
 fn on_entry(ctx: &ProbeContext, func: AllocFn, size: u64, arg: u64) -> u32 {
-    if sampled::sampling() {
-        // SAFETY: uprobe contexts are `pt_regs`.
-        let regs = unsafe { &*(ctx.as_ptr() as *const pt_regs) };
-        return sampled::on_call(regs, func, size, arg);
-    }
     let pid_tgid = bpf_get_current_pid_tgid();
     if skipped((pid_tgid >> 32) as u32) {
         return 0;
@@ -430,7 +425,6 @@ fn on_entry(ctx: &ProbeContext, func: AllocFn, size: u64, arg: u64) -> u32 {
         func: func as u16,
         nested: (depth > 0) as u16,
         flags: 0,
-        ret: 0,
     };
     st.depth = depth as u64 + 1;
     0
@@ -449,12 +443,10 @@ fn on_return(ctx: &RetProbeContext) -> u32 {
     let tid = pid_tgid as u32;
     let ret: u64 = ctx.ret();
     let sp = sp_of(ctx);
-    let sampling = sampled::sampling();
     let Some(st) = INFLIGHT.get_ptr_mut(tid) else {
         // With --follow-forks the return probes fire in every process; only
-        // a traced one's return is missing its entry. Sampling, only
-        // sampled calls have one.
-        if !skipped(tgid) && !sampling {
+        // a traced one's return is missing its entry.
+        if !skipped(tgid) {
             count(Counter::ReturnWithoutEntry);
         }
         return 0;
@@ -482,18 +474,10 @@ fn on_return(ctx: &RetProbeContext) -> u32 {
     // The thread's entry stays (at depth 0) until the thread exits: a map
     // insert and delete on every call cost more than the rest of the probe.
     st.depth = depth as u64;
-    // SAFETY: uretprobe contexts are `pt_regs`.
-    let regs = unsafe { &*(ctx.as_ptr() as *const pt_regs) };
     let Some(call) = found else {
-        if !sampling {
-            count(Counter::ReturnWithoutEntry);
-        }
+        count(Counter::ReturnWithoutEntry);
         return 0;
     };
-    if sampling {
-        sampled::finish(regs, pid_tgid, &call);
-        return 0;
-    }
     if call.nested != 0 {
         return 0;
     }
@@ -532,15 +516,16 @@ fn on_return(ctx: &RetProbeContext) -> u32 {
     }
     // Before the allocation's own record, which user space pairs it with.
     python::emit_py_stack(tgid, tid, addr);
-    emit_alloc(regs, tgid, tid, addr, old_addr, &call);
+    emit_alloc(ctx, tgid, tid, addr, old_addr, &call);
     0
 }
 
-/// Sends the record of an allocation made by the call that returned with
-/// the caller's registers `regs`.
+/// Sends the record of an allocation made by the call that returned, in a
+/// return context `ctx` (a uretprobe's, or a uprobe session's return run:
+/// both hold the caller's registers).
 #[inline(always)]
-pub(crate) fn emit_alloc(
-    regs: &pt_regs,
+pub(crate) fn emit_alloc<C: EbpfContext>(
+    ctx: &C,
     tgid: u32,
     tid: u32,
     addr: u64,
@@ -548,7 +533,7 @@ pub(crate) fn emit_alloc(
     call: &Inflight,
 ) {
     if let Some(stack_top) = unwound_by_user(tgid) {
-        emit_alloc_stack(regs, tgid, tid, addr, old_addr, call, stack_top);
+        emit_alloc_stack(ctx, tgid, tid, addr, old_addr, call, stack_top);
         return;
     }
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
@@ -572,6 +557,8 @@ pub(crate) fn emit_alloc(
     rec.func = call.func;
     // At the return probe the registers are the caller's: the first frame is
     // the return address into the caller, and its frame chain is intact.
+    // SAFETY: return contexts are `pt_regs`.
+    let regs = unsafe { &*(ctx.as_ptr() as *const pt_regs) };
     rec.nframes = user_stack(regs, &mut rec.frames);
     rec.stack_err = 0;
     if !output(rec, AllocRecord::FIXED_LEN + 8 * rec.nframes as usize) {
@@ -596,8 +583,8 @@ fn unwound_by_user(tgid: u32) -> Option<u64> {
 /// [`emit_alloc`] for a process whose stack user space unwinds: the
 /// caller's registers and a copy of its stack instead of frames.
 #[inline(always)]
-fn emit_alloc_stack(
-    regs: &pt_regs,
+fn emit_alloc_stack<C: EbpfContext>(
+    ctx: &C,
     tgid: u32,
     tid: u32,
     addr: u64,
@@ -620,6 +607,8 @@ fn emit_alloc_stack(
     rec.entry_ts_ns = call.ts_ns;
     rec.func = call.func;
     rec._pad = 0;
+    // SAFETY: return contexts are `pt_regs`.
+    let regs = unsafe { &*(ctx.as_ptr() as *const pt_regs) };
     rec.rip = regs.rip;
     rec.rsp = regs.rsp;
     rec.rbp = regs.rbp;
@@ -718,13 +707,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     count(Counter::Calls);
     let addr: u64 = ctx.arg(0).unwrap_or(0);
     if addr == 0 {
-        return 1;
-    }
-    // Sampled: only a sample's free is sent, and nothing waits for the
-    // return (1 skips it in a uprobe session).
-    if sampled::sampling() {
-        sampled::forward_free(pid_tgid, addr);
-        return 1;
+        return 0;
     }
     let tid = pid_tgid as u32;
     let sp = sp_of(&ctx);

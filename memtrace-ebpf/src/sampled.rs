@@ -14,8 +14,10 @@
 //! program returns 1, which tells a uprobe session (kernel 6.13+) not to run
 //! at the function's return. A sampled one is pushed on the thread's stack
 //! of calls in flight, as in exact mode, and finished at its return: the
-//! same program runs again then (a session), or `alloc_exit` does (plain
-//! uretprobes, older kernels). Sampled blocks are kept in [`SAMPLED`], and a
+//! same program runs again then (a session), or, on a kernel without
+//! sessions, where the same programs are plain uprobes, `sampled_exit` on a
+//! uretprobe of every call does. Exact mode's programs carry none of this,
+//! so the verifier does not check it at every exact-mode attach. Sampled blocks are kept in [`SAMPLED`], and a
 //! free is forwarded only for an address found there.
 //!
 //! The session programs are written without aya's `#[uprobe]` macro, which
@@ -25,13 +27,14 @@
 //! (`main.rs`), which this never runs beside.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::pt_regs,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
     },
-    macros::map,
+    macros::{map, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::ProbeContext,
+    programs::{ProbeContext, RetProbeContext},
 };
 use memtrace_common::{
     AllocFn, AllocatorRanges, Budget, EXP_DRAWS, Inflight, InflightStack, MAX_ALLOCATOR_RANGES,
@@ -80,14 +83,6 @@ fn bump(c: SampleCounter) {
         // SAFETY: this CPU's own slot.
         unsafe { *slot += 1 };
     }
-}
-
-/// Whether the programs sample (the agent) instead of tracing every call.
-#[inline(always)]
-pub(crate) fn sampling() -> bool {
-    // SAFETY: a global the loader set; volatile so the zero it was compiled
-    // with is not folded.
-    unsafe { core::ptr::read_volatile(&SAMPLE_BYTES) != 0 }
 }
 
 /// Counts `size` bytes down to the next sample point; true when one falls
@@ -181,7 +176,13 @@ pub(crate) fn forward_free(pid_tgid: u64, addr: u64) {
 /// The program of an allocator function in sampled mode, at entry or (in a
 /// uprobe session) at return. Returns 1 to skip the return run.
 #[inline(always)]
-pub(crate) fn on_call(regs: &pt_regs, func: AllocFn, size: u64, arg: u64) -> u32 {
+pub(crate) fn on_call<C: EbpfContext>(
+    ctx: &C,
+    regs: &pt_regs,
+    func: AllocFn,
+    size: u64,
+    arg: u64,
+) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid == crate::self_tgid() {
@@ -189,7 +190,7 @@ pub(crate) fn on_call(regs: &pt_regs, func: AllocFn, size: u64, arg: u64) -> u32
     }
     let tid = pid_tgid as u32;
     if let Some(call) = session_return(tid, regs) {
-        finish(regs, pid_tgid, &call);
+        finish(ctx, regs, pid_tgid, &call);
         return 0;
     }
     bump(SampleCounter::Calls);
@@ -228,11 +229,12 @@ pub(crate) fn on_call(regs: &pt_regs, func: AllocFn, size: u64, arg: u64) -> u32
             sp: regs.rsp,
             size,
             arg,
-            ts_ns: 0,
+            // Sampled calls need no entry time: the field holds the
+            // return address (see `session_return`).
+            ts_ns: ret,
             func: func as u16,
             nested: 0,
             flags,
-            ret,
         },
     );
     0
@@ -289,7 +291,8 @@ fn session_return(tid: u32, regs: &pt_regs) -> Option<Inflight> {
     for i in 0..MAX_NEST {
         if i + 1 == depth {
             let c = st.calls[i];
-            if c.sp + 8 == regs.rsp && c.ret == regs.rip && c.ret != 0 {
+            // A sampled call's `ts_ns` is its return address.
+            if c.sp + 8 == regs.rsp && c.ts_ns == regs.rip && c.ts_ns != 0 {
                 found = Some(c);
                 st.depth = i as u64;
             }
@@ -301,7 +304,7 @@ fn session_return(tid: u32, regs: &pt_regs) -> Option<Inflight> {
 /// The return of a sampled call (`alloc_exit` or a session's return run):
 /// forwards the old block's free, keeps and sends the new block.
 #[inline(always)]
-pub(crate) fn finish(regs: &pt_regs, pid_tgid: u64, call: &Inflight) {
+pub(crate) fn finish<C: EbpfContext>(ctx: &C, regs: &pt_regs, pid_tgid: u64, call: &Inflight) {
     let ret = regs.rax;
     let tgid = (pid_tgid >> 32) as u32;
     let addr = match AllocFn::from_u16(call.func) {
@@ -331,14 +334,14 @@ pub(crate) fn finish(regs: &pt_regs, pid_tgid: u64, call: &Inflight) {
         return;
     }
     let sample = Inflight { arg: 0, ..*call };
-    crate::emit_alloc(regs, tgid, pid_tgid as u32, addr, 0, &sample);
+    crate::emit_alloc(ctx, tgid, pid_tgid as u32, addr, 0, &sample);
 }
 
 /// A uprobe-session program for one allocator function: `on_call`, whose
 /// return value the kernel reads (aya's `#[uprobe]` macro returns 0
 /// whatever the function returns, which would run every return). Loaded by
-/// user space with the session attach type; never attached as a plain
-/// uprobe.
+/// user space with the session attach type, or by aya as a plain uprobe
+/// beside `sampled_exit` where the kernel has no sessions.
 macro_rules! session_program {
     ($name:ident, $func:expr, |$ctx:ident| ($size:expr, $arg:expr)) => {
         #[unsafe(no_mangle)]
@@ -347,7 +350,7 @@ macro_rules! session_program {
             let $ctx = ProbeContext::new(raw);
             // SAFETY: uprobe contexts are `pt_regs`.
             let regs = unsafe { &*(raw as *const pt_regs) };
-            on_call(regs, $func, $size, $arg)
+            on_call(&$ctx, regs, $func, $size, $arg)
         }
     };
 }
@@ -390,6 +393,22 @@ session_program!(rust_realloc_session, AllocFn::RustRealloc, |c| (
     arg(&c, 3),
     arg(&c, 0)
 ));
+
+/// The return of a sampled call on a kernel without uprobe sessions (a
+/// uretprobe on every call of a sampled process): finishes the thread's
+/// innermost sampled call if this is its return, else (an unsampled call)
+/// returns at once. Its own program, so that exact mode's return program
+/// carries none of this for the verifier to check.
+#[uretprobe]
+pub fn sampled_exit(ctx: RetProbeContext) -> u32 {
+    // SAFETY: uretprobe contexts are `pt_regs`.
+    let regs = unsafe { &*(ctx.as_ptr() as *const pt_regs) };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if let Some(call) = session_return(pid_tgid as u32, regs) {
+        finish(&ctx, regs, pid_tgid, &call);
+    }
+    0
+}
 
 /// `free(ptr)` as a session program: forwards a sample's free, and never
 /// asks for the return.

@@ -181,6 +181,9 @@ fn session_program(func: Option<AllocFn>) -> Option<&'static str> {
     })
 }
 
+/// The sampled tier's return program on a kernel without uprobe sessions.
+const SAMPLED_EXIT: &str = "sampled_exit";
+
 /// The return program of every allocator function.
 const ALLOC_EXIT: &str = "alloc_exit";
 
@@ -724,10 +727,6 @@ impl Tracer {
         let mut links = Vec::new();
         let mut functions = Vec::new();
         for site in sites {
-            let entry = match site.want.func {
-                None => "free_enter",
-                Some(f) => entry_program(f),
-            };
             let session = match site.want.func {
                 None => Some("free_session"),
                 f => session_program(f),
@@ -762,6 +761,11 @@ impl Tracer {
                     }
                 }
             }
+            // No sessions: the same programs as plain uprobes (their return
+            // value then ignored), and a return probe on every call.
+            let Some(entry) = session else {
+                continue;
+            };
             let scope = UProbeScope::OneProcess(
                 NonZeroU32::new(pid).ok_or_else(|| internal("attach", "pid 0"))?,
             );
@@ -775,7 +779,7 @@ impl Tracer {
             if site.want.func.is_some() {
                 links.push(Link::Uprobe(attach_uprobe(
                     &mut self.ebpf,
-                    ALLOC_EXIT,
+                    SAMPLED_EXIT,
                     site,
                     lib,
                     scope,
