@@ -74,11 +74,20 @@ pub fn dev_name(dev: u64) -> String {
     format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev))
 }
 
-/// Reads and parses `/proc/PID/maps`.
+/// Reads and parses `/proc/PID/maps`. A process without an address space
+/// (past `exit_mm`, a zombie not reaped yet, a kernel thread) reads as no
+/// mappings at all: that is an error, not a snapshot, so that no caller
+/// takes it for the process's mappings (a symbolizer that did lost every
+/// name of a process whose last records it read while the process exited).
 pub fn read(pid: u32) -> io::Result<Vec<Mapping>> {
-    Ok(parse(&std::fs::read_to_string(format!(
-        "/proc/{pid}/maps"
-    ))?))
+    let maps = parse(&std::fs::read_to_string(format!("/proc/{pid}/maps"))?);
+    if maps.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no address space (the process is exiting, or is a kernel thread)",
+        ));
+    }
+    Ok(maps)
 }
 
 /// Index of the mapping that contains `addr`, in mappings sorted by address.
@@ -95,6 +104,16 @@ pub fn find(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_address_space_is_an_error() {
+        // kthreadd: a kernel thread, with an empty `maps`.
+        if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") {
+            let e = read(2).expect_err("a kernel thread has no mappings");
+            assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        }
+        assert!(!read(std::process::id()).expect("own maps").is_empty());
+    }
 
     const TEXT: &str = "\
 55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1048602                    /usr/bin/prog

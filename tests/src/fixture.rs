@@ -149,6 +149,30 @@ impl Fixture {
         }
     }
 
+    /// Closes stdin and waits (at most [`LINE_TIMEOUT`]) until the fixture
+    /// has exited but is not reaped: a zombie, whose `/proc/PID` is still
+    /// there with an empty `maps`. [`Fixture::finish`] reaps it.
+    pub fn exit_unreaped(&mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        let stat = format!("/proc/{}/stat", self.pid());
+        loop {
+            let state = std::fs::read_to_string(&stat).unwrap_or_default();
+            // The state follows the command name's closing parenthesis.
+            let state = state.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+            if state.is_some_and(|s| s.starts_with('Z')) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fixture `{}` (pid {}) did not exit within {LINE_TIMEOUT:?} of its stdin being closed",
+                self.cmdline,
+                self.pid()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// [`Fixture::finish`], and checks that the fixture exited with 0.
     pub fn finish_ok(&mut self) {
         let status = self.finish();

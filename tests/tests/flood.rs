@@ -119,3 +119,51 @@ fn flood_ledger_is_exact_per_call_site() {
         "memtrace's peak RSS under the flood: {rss} bytes, cap {FLOOD_RSS_CAP}"
     );
 }
+
+/// memtrace reads a target's last records after the target has exited: it
+/// is stopped (SIGSTOP) from "go" until the fixture is a zombie, whose maps
+/// read empty. The stacks are named from the maps read while it lived
+/// (before the fix, that empty read replaced them: every frame of the
+/// process lost its name, and `churn` was nowhere in the report, counted
+/// or lost; seen as this test's flood twin failing on a fresh machine).
+#[test]
+fn stacks_read_after_the_target_exited_keep_their_names() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    const THREADS: u64 = 4;
+    const PER_THREAD: u64 = 10_000;
+    let (per_thread, threads) = (PER_THREAD.to_string(), THREADS.to_string());
+    let mut target = Fixture::spawn(
+        fixture("phases_fixture"),
+        ["--wait", "--churn", &per_thread, "--threads", &threads],
+    );
+    target.wait_ready();
+    let pid = target.pid().to_string();
+    let mut memtrace = Memtrace::spawn(["-p", pid.as_str(), "--format", "json", "--top", "0"]);
+    memtrace.wait_tracing();
+    // Older than the second the symbolizer trusts a reading of the maps
+    // for: a new stack makes it read them again.
+    std::thread::sleep(Duration::from_millis(1200));
+    target.go();
+    memtrace.signal(libc::SIGSTOP);
+    target.wait_done();
+    target.exit_unreaped();
+    std::thread::sleep(Duration::from_millis(1200));
+    memtrace.signal(libc::SIGCONT);
+    // memtrace reads the records meanwhile, the zombie still there.
+    std::thread::sleep(Duration::from_millis(1000));
+    target.finish_ok();
+    let output = memtrace.wait();
+    output.assert_status(0);
+    let report = output.json();
+    let process = process_by_comm(&report, "phases_fixture");
+    let (counted, lost) = counted_and_lost(process, "churn");
+    assert_eq!(
+        counted + lost,
+        THREADS * PER_THREAD,
+        "churn: {counted} allocations counted + {lost} lost; the stacks:\n{:#}",
+        process["stacks"]
+    );
+}
