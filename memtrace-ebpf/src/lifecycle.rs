@@ -90,11 +90,21 @@ pub fn process_exit(ctx: RawTracePointContext) -> u32 {
     0
 }
 
-/// `sched:sched_process_exec`: the process now runs a new program in a new
-/// address space; its RSS counters start again from that address space's.
+/// `sched:sched_process_exec` (pid 12, old_pid 16): the process now runs a
+/// new program in a new address space; its RSS counters start again from
+/// that address space's. Calls in flight in the old image can never return
+/// (its stack is gone): they are dropped, for the thread under its id before
+/// the exec too (a non-leader thread that execs takes the process's id), as
+/// at a thread's exit. Kept, they sit above or below the new image's stack
+/// at random and can silence every later call of the thread.
 #[tracepoint]
-pub fn process_exec(_ctx: TracePointContext) -> u32 {
+pub fn process_exec(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
+    let _ = INFLIGHT.remove(pid_tgid as u32);
+    let old: i32 = field(&ctx, 16);
+    if old as u32 != pid_tgid as u32 {
+        let _ = INFLIGHT.remove(old as u32);
+    }
     let tgid = (pid_tgid >> 32) as u32;
     if !traced(tgid) {
         return 0;

@@ -97,6 +97,12 @@ impl Probing {
         }
     }
 
+    /// Has [`Probing::settle`] look at process `pid`'s mappings again (it
+    /// is not stopped).
+    pub fn relook_later(&mut self, pid: u32) {
+        self.pending.push((pid, false));
+    }
+
     /// Probes the new allocator libraries (and loaders) of the processes
     /// noted, then continues the stopped ones, whatever happened.
     pub fn settle(&mut self, tracer: &mut Tracer) {

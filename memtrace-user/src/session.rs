@@ -422,10 +422,28 @@ fn plan(args: &TargetArgs, child: Option<&GatedChild>) -> Result<Vec<(Library, O
                     "run memtrace as root",
                 )
             })?;
+            let mut libs = libs;
             if !libs.iter().any(|l| holds_allocator(l.kind)) {
-                let what = format!("PID {pid} ({})", target::comm(pid));
                 let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
-                return Err(no_libc(&what, attach::program_kind(&exe)));
+                // Between an exec and its loader's mapping of the program's
+                // libraries, only the program and the loader are mapped.
+                // Probe what a command would get (the host's libc, the
+                // program's own allocator); the loader's hook stops it once
+                // its libraries are mapped, and `settle` probes them.
+                let in_exec = libs.iter().any(|l| l.kind == LibKind::Loader)
+                    && attach::program_kind(&exe) == attach::ProgramKind::SharedLibc;
+                if !in_exec {
+                    let what = format!("PID {pid} ({})", target::comm(pid));
+                    return Err(no_libc(&what, attach::program_kind(&exe)));
+                }
+                for lib in attach::host_libraries()
+                    .into_iter()
+                    .chain(attach::program_libraries(&exe.to_string_lossy()))
+                {
+                    if !libs.iter().any(|l| l.id == lib.id) {
+                        libs.push(lib);
+                    }
+                }
             }
             out.extend(libs.into_iter().map(|l| (l, Some(pid))));
         }
@@ -609,9 +627,21 @@ pub async fn run(args: TraceArgs, record_only: bool) -> Result<i32> {
         probing.set_stopped(stopped);
         Some(Guard::spawn(id)?)
     };
-    for (lib, pid) in &plan {
+    // The loader's hook first: a target that execs (or is still in its
+    // loader) while the rest is attached waits at the hook, stopped, until
+    // `relook` has probed what it mapped.
+    let (hooks, allocators): (Vec<_>, Vec<_>) = plan
+        .iter()
+        .partition(|(lib, _)| lib.kind == LibKind::Loader);
+    for (lib, pid) in hooks.into_iter().chain(allocators) {
         probing.attach(&mut tracer, lib, *pid)?;
     }
+    // What the targets mapped while the probes went on (an exec, the loader
+    // mapping libc): looked at again before tracing is announced.
+    for &pid in &target_args.pids {
+        probing.relook_later(pid);
+    }
+    probing.settle(&mut tracer);
     probing.take_changed();
     let ring = tracer.ring_buffer()?;
     // SAFETY: the ring buffer owns its descriptor and keeps it open, and

@@ -38,6 +38,7 @@ pub const FIELDS: &[Field] = &[
     ("oom/mark_victim", "anon_rss", 24, 8),
     ("oom/mark_victim", "pgtables", 56, 8),
     ("oom/mark_victim", "oom_score_adj", 64, 2),
+    ("sched/sched_process_exec", "old_pid", 16, 4),
 ];
 
 /// Fields read only with `--follow-forks`.

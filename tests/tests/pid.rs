@@ -81,3 +81,76 @@ fn pid_threads() {
 
     fixture.finish_ok();
 }
+
+/// The lost-event counters an attach to a busy process must leave at zero:
+/// calls in flight that never pop (an entry probe live before its return
+/// probe) or that overflow a thread's stack of calls.
+fn assert_no_stale_calls(report: &serde_json::Value) {
+    for key in ["inflight_full", "stale_inflight"] {
+        assert_eq!(
+            report["lost"][key], 0,
+            "{key}: calls in flight left behind by the attach:\n{}",
+            report["lost"]
+        );
+    }
+}
+
+/// Attached while the fixture mallocs and frees in a loop (`--busy`): calls
+/// are in flight while the probes go on. Every site of the work that follows
+/// is exact, and no call in flight is left behind (before the fix, the
+/// entry probe went live up to 3 s before the return probe, while its
+/// program was verified: the loop's entries never popped, and every later
+/// call of the thread was taken for a nested one: 0 allocations).
+#[test]
+fn pid_attach_while_allocating() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let (mut fixture, mut memtrace) = alloc_fixture_traced(&["--busy"]);
+    memtrace.interrupt();
+    let output = memtrace.wait();
+    output.assert_status(0);
+    let report = output.json();
+    let process = process(&report, fixture.pid());
+    assert_sites(process, c::SITES, 1);
+    assert_no_stale_calls(&report);
+    fixture.finish_ok();
+}
+
+/// Attached at once to a bash wrapper that forks a command substitution,
+/// allocates, and then execs the fixture: memtrace follows the PID through
+/// the exec (reading its maps between the exec and the loader's mapping of
+/// libc must not make it refuse the process), and the fixture's sites are
+/// exact. Three times, as the race lands differently each time.
+#[test]
+fn pid_attach_during_an_exec_chain() {
+    if !require_root() {
+        return;
+    }
+    let _machine = shared_machine();
+    let program = memtrace_tests::fixture("alloc_fixture");
+    let script = "x=$(echo hi); for i in $(seq 1 3000); do y=\"$y$i\"; done; exec \"$0\" --busy";
+    for round in 0..3 {
+        let mut target = memtrace_tests::Fixture::spawn(
+            "bash",
+            ["-c", script, program.to_str().expect("UTF-8 path")],
+        );
+        let pid = target.pid().to_string();
+        let mut memtrace =
+            memtrace_tests::Memtrace::spawn(["-p", pid.as_str()].iter().chain(&crate::REPORT_ARGS));
+        memtrace.wait_tracing();
+        target.wait_ready();
+        target.go();
+        target.wait_done();
+        memtrace.interrupt();
+        let output = memtrace.wait();
+        output.assert_status(0);
+        let report = output.json();
+        let process = process(&report, target.pid());
+        eprintln!("round {round}: lost {}", report["lost"]);
+        assert_sites(process, c::SITES, 1);
+        assert_no_stale_calls(&report);
+        target.finish_ok();
+    }
+}
