@@ -37,8 +37,11 @@ pub struct Header {
     pub tgid: u32,
     /// Thread id.
     pub tid: u32,
-    /// Zero; room for a later field without a layout change.
-    pub _reserved: u32,
+    /// An agent sample ([`RecordKind::Alloc`] or [`RecordKind::AllocStack`]
+    /// in sampled mode): its process's thinning shift when it was taken (its
+    /// sample point was kept with probability `2^-sample_shift`, see
+    /// [`Budget`]). Zero in every other record.
+    pub sample_shift: u32,
     /// `bpf_ktime_get_ns()` when the record was made (CLOCK_MONOTONIC).
     pub ts_ns: u64,
 }
@@ -528,7 +531,8 @@ pub struct Inflight {
     pub func: u16,
     /// 1 when the call is nested in another traced call and emits nothing.
     pub nested: u16,
-    /// Sampled mode: [`SAMPLE_OLD`] and [`SAMPLE_NEW`]; zero otherwise.
+    /// Sampled mode: [`SAMPLE_OLD`] and [`SAMPLE_NEW`], and the thinning
+    /// shift from bit [`SAMPLE_SHIFT_AT`]; zero otherwise.
     pub flags: u32,
 }
 
@@ -654,21 +658,37 @@ pub struct AllocatorRanges {
     pub ranges: [[u64; 2]; MAX_ALLOCATOR_RANGES],
 }
 
-/// Per-process record budget of the sampled tier: at most the loader's
-/// number of samples per second, so one flooding process cannot fill the
-/// ring buffer for the others.
+/// Per-process state of the sampled tier's record budget: at most about
+/// the loader's number of samples per second, so one flooding process cannot
+/// fill the ring buffer for the others, without a bias. A process over its
+/// budget keeps each later sample point with probability `2^-shift` (one
+/// more halving each time a second's budget is spent again, one less after a
+/// second under a quarter of it), and every sample carries the shift it was
+/// kept with ([`Header::sample_shift`]), so user space weighs it `2^shift`
+/// times more: every allocation's chance stays known and non-zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Budget {
     /// Start of the current one-second window (`bpf_ktime_get_ns`).
     pub window_ns: u64,
-    /// Samples sent in it.
+    /// Samples kept in it.
     pub used: u64,
-    /// Samples not taken since the start because the budget was spent.
-    pub dropped: u64,
-    /// Their bytes (the sizes of the allocations, not their weights).
-    pub dropped_bytes: u64,
+    /// The thinning shift now.
+    pub shift: u64,
+    /// The highest shift so far.
+    pub max_shift: u64,
+    /// Sample points not kept by the thinning, since the start.
+    pub thinned: u64,
+    /// Samples lost because the table of sampled blocks was full, since
+    /// the start (a hole in the estimates: not weighed for).
+    pub table_full: u64,
 }
+
+/// The highest thinning shift: one sample point in 2^20 kept.
+pub const MAX_SAMPLE_SHIFT: u64 = 20;
+
+/// Where a sampled call's thinning shift sits in [`Inflight::flags`].
+pub const SAMPLE_SHIFT_AT: u32 = 8;
 
 /// Counters of the sampled tier, one slot each in a per-CPU array.
 #[repr(u32)]
@@ -676,15 +696,17 @@ pub struct Budget {
 pub enum SampleCounter {
     /// Calls of probed allocator functions in sampled processes.
     Calls = 0,
-    /// Allocations chosen as samples (before the table and budget checks).
+    /// Sample points that fell in an allocation (before the thinning and
+    /// the table check).
     Sampled = 1,
     /// Calls from inside an allocator library, skipped (counted by their
     /// caller).
     Internal = 2,
     /// Samples not kept: the table of sampled live blocks was full.
     TableFull = 3,
-    /// Samples not taken: the process had spent its budget.
-    BudgetDropped = 4,
+    /// Sample points not kept by a process's thinning under its budget
+    /// (the kept ones weigh for them: no bias, more variance).
+    BudgetThinned = 4,
     /// Frees of sampled blocks, forwarded.
     FreesForwarded = 5,
 }
@@ -699,7 +721,7 @@ impl SampleCounter {
         Self::Sampled,
         Self::Internal,
         Self::TableFull,
-        Self::BudgetDropped,
+        Self::BudgetThinned,
         Self::FreesForwarded,
     ];
 
@@ -710,7 +732,7 @@ impl SampleCounter {
             Self::Sampled => "sampled",
             Self::Internal => "internal",
             Self::TableFull => "sample_table_full",
-            Self::BudgetDropped => "budget_dropped",
+            Self::BudgetThinned => "budget_thinned",
             Self::FreesForwarded => "frees_forwarded",
         }
     }
@@ -1057,7 +1079,7 @@ mod tests {
         assert_eq!(size_of::<FreeRecord>(), 32);
         assert_eq!(size_of::<Inflight>(), 40);
         assert_eq!(size_of::<InflightStack>(), 8 + 40 * MAX_NEST);
-        assert_eq!(size_of::<Budget>(), 32);
+        assert_eq!(size_of::<Budget>(), 48);
         assert_eq!(size_of::<AllocatorRanges>(), 16 * MAX_ALLOCATOR_RANGES);
         assert_eq!(SampleCounter::ALL.len(), SAMPLE_COUNTERS as usize);
         assert_eq!(RssRecord::FIXED_LEN, 24 + 4 + 4 + 8 * 3 + 8);

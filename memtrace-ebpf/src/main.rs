@@ -44,7 +44,8 @@ use aya_ebpf::{
 };
 use memtrace_common::{
     AllocFn, AllocRecord, AllocStackRecord, COUNTERS, Counter, EVENT_ABI, FreeRecord, Header,
-    Inflight, InflightStack, LOST_SITES, MAX_FRAMES, MAX_NEST, RecordKind, STACK_COPY, TRACED_PIDS,
+    Inflight, InflightStack, LOST_SITES, MAX_FRAMES, MAX_NEST, RecordKind, SAMPLE_SHIFT_AT,
+    STACK_COPY, TRACED_PIDS,
 };
 
 /// memtrace's own process id: its allocations are never traced (in
@@ -546,7 +547,8 @@ pub(crate) fn emit_alloc<C: EbpfContext>(
         kind: RecordKind::Alloc as u16,
         tgid,
         tid,
-        _reserved: 0,
+        // Zero in exact mode, whose calls carry no flags.
+        sample_shift: call.flags >> SAMPLE_SHIFT_AT,
         // SAFETY: helper without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
     };
@@ -601,6 +603,7 @@ fn emit_alloc_stack<C: EbpfContext>(
         RecordKind::AllocStack,
         (u64::from(tgid) << 32) | u64::from(tid),
     );
+    rec.header.sample_shift = call.flags >> SAMPLE_SHIFT_AT;
     rec.addr = addr;
     rec.size = call.size;
     rec.old_addr = old_addr;
@@ -689,7 +692,7 @@ pub(crate) fn header(kind: RecordKind, pid_tgid: u64) -> Header {
         kind: kind as u16,
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
-        _reserved: 0,
+        sample_shift: 0,
         // SAFETY: helper without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
     }

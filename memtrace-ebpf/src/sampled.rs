@@ -38,7 +38,8 @@ use aya_ebpf::{
 };
 use memtrace_common::{
     AllocFn, AllocatorRanges, Budget, EXP_DRAWS, Inflight, InflightStack, MAX_ALLOCATOR_RANGES,
-    MAX_NEST, SAMPLE_COUNTERS, SAMPLE_NEW, SAMPLE_OLD, SampleCounter, TRACED_PIDS,
+    MAX_NEST, MAX_SAMPLE_SHIFT, SAMPLE_COUNTERS, SAMPLE_NEW, SAMPLE_OLD, SAMPLE_SHIFT_AT,
+    SampleCounter, TRACED_PIDS,
 };
 
 use crate::{INFLIGHT, count, slot_mut};
@@ -69,7 +70,7 @@ static SAMPLED: HashMap<[u64; 2], u64> = HashMap::with_max_entries(1 << 18, 0);
 #[map]
 static SAMPLE_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SAMPLE_COUNTERS, 0);
 
-/// Each sampled process's record budget (with [`BUDGET_PER_S`]).
+/// Each sampled process's budget state and its own losses ([`Budget`]).
 #[map]
 static BUDGETS: LruHashMap<u32, Budget> = LruHashMap::with_max_entries(TRACED_PIDS, 0);
 
@@ -105,45 +106,76 @@ fn take_sample(size: u64) -> bool {
     true
 }
 
-/// Whether process `tgid` may send one more sample now; counts the ones it
-/// may not. Not atomic across CPUs: the budget is approximate by a few.
+/// Process `tgid`'s budget state, made at its first sample point.
 #[inline(always)]
-fn within_budget(tgid: u32, size: u64) -> bool {
+fn budget(tgid: u32, now: u64) -> Option<&'static mut Budget> {
+    if let Some(b) = BUDGETS.get_ptr_mut(tgid) {
+        // SAFETY: a map value; racing CPUs may lose an update, no more.
+        return Some(unsafe { &mut *b });
+    }
+    let fresh = Budget {
+        window_ns: now,
+        ..Budget::default()
+    };
+    let _ = BUDGETS.insert(tgid, fresh, 0);
+    // SAFETY: as above.
+    BUDGETS.get_ptr_mut(tgid).map(|b| unsafe { &mut *b })
+}
+
+/// Thins process `tgid`'s sample points to its budget ([`Budget`]): returns
+/// the shift a kept point was kept with, `None` for one thinned away. The
+/// shift read is the one the coin used and the sample carries, so the
+/// weights stay exact whatever other CPUs do to the state meanwhile.
+#[inline(always)]
+fn thin(tgid: u32) -> Option<u32> {
     // SAFETY: as in `sampling`.
     let limit = unsafe { core::ptr::read_volatile(&BUDGET_PER_S) };
     if limit == 0 {
-        return true;
+        return Some(0);
     }
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let b = match BUDGETS.get_ptr_mut(tgid) {
-        Some(b) => b,
-        None => {
-            let fresh = Budget {
-                window_ns: now,
-                ..Budget::default()
-            };
-            let _ = BUDGETS.insert(tgid, fresh, 0);
-            match BUDGETS.get_ptr_mut(tgid) {
-                Some(b) => b,
-                None => return true,
-            }
-        }
-    };
-    // SAFETY: a map value; racing CPUs may lose an increment, no more.
-    let b = unsafe { &mut *b };
+    // Without a state (its table full of other processes), no thinning:
+    // the sample's weight is then exact too.
+    let b = budget(tgid, now)?;
     if now.wrapping_sub(b.window_ns) >= 1_000_000_000 {
+        // A second well under budget: twice as many points from now on.
+        if b.used < limit / 4 && b.shift > 0 {
+            b.shift -= 1;
+        }
         b.window_ns = now;
         b.used = 0;
     }
-    if b.used >= limit {
-        b.dropped += 1;
-        b.dropped_bytes += size;
-        bump(SampleCounter::BudgetDropped);
-        return false;
+    if b.used >= limit && b.shift < MAX_SAMPLE_SHIFT {
+        // The second's budget is spent: half as many points from now on,
+        // and room for them.
+        b.shift += 1;
+        b.used = limit / 2;
+        if b.shift > b.max_shift {
+            b.max_shift = b.shift;
+        }
+    }
+    let shift = (b.shift & 31) as u32;
+    // SAFETY: helper without preconditions.
+    if shift > 0 && unsafe { bpf_get_prandom_u32() } & ((1u32 << shift) - 1) != 0 {
+        b.thinned += 1;
+        bump(SampleCounter::BudgetThinned);
+        return None;
     }
     b.used += 1;
-    true
+    Some(shift)
+}
+
+/// Counts a sample of process `tgid` lost to a full table, in its own
+/// state too: its estimates are partial.
+#[inline(always)]
+fn table_full(tgid: u32) {
+    bump(SampleCounter::TableFull);
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(b) = budget(tgid, now) {
+        b.table_full += 1;
+    }
 }
 
 /// Whether `ret` (a return address) lies in the allocator code of process
@@ -217,8 +249,10 @@ pub(crate) fn on_call<C: EbpfContext>(
         }
         _ => {}
     }
-    if take_sample(size) && within_budget(tgid, size) {
-        flags |= SAMPLE_NEW;
+    if take_sample(size)
+        && let Some(shift) = thin(tgid)
+    {
+        flags |= SAMPLE_NEW | (shift << SAMPLE_SHIFT_AT);
     }
     if flags == 0 {
         return 1;
@@ -330,7 +364,7 @@ pub(crate) fn finish<C: EbpfContext>(ctx: &C, regs: &pt_regs, pid_tgid: u64, cal
     }
     let key = [u64::from(tgid), addr];
     if SAMPLED.insert(key, call.size, 0).is_err() {
-        bump(SampleCounter::TableFull);
+        table_full(tgid);
         return;
     }
     let sample = Inflight { arg: 0, ..*call };

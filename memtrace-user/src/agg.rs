@@ -705,6 +705,7 @@ mod tests {
             func: AllocFn::Malloc,
             old_addr: None,
             stack: stack.to_vec(),
+            sample_shift: 0,
         })
     }
 
@@ -719,6 +720,7 @@ mod tests {
             func: AllocFn::Realloc,
             old_addr: Some(old),
             stack: stack.to_vec(),
+            sample_shift: 0,
         })
     }
 

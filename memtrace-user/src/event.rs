@@ -291,6 +291,9 @@ pub struct Alloc {
     /// User return addresses, innermost (the allocator's caller) first.
     /// Empty when the stack could not be captured.
     pub stack: Vec<u64>,
+    /// An agent sample's thinning shift (it weighs `2^sample_shift` times
+    /// its sampling weight); 0 in exact mode.
+    pub sample_shift: u32,
 }
 
 /// Why a record could not be decoded.
@@ -493,6 +496,7 @@ fn alloc_event(
         func,
         old_addr: (func.is_realloc() && old != 0).then_some(old),
         stack,
+        sample_shift: header.sample_shift,
     })
 }
 
@@ -688,7 +692,7 @@ pub fn encode_alloc(a: &Alloc) -> Vec<u8> {
             kind: RecordKind::Alloc as u16,
             tgid: a.pid,
             tid: a.tid,
-            _reserved: 0,
+            sample_shift: 0,
             ts_ns: a.ts_ns,
         },
         addr: a.addr,
@@ -721,7 +725,7 @@ pub fn encode_free(pid: u32, tid: u32, ts_ns: u64, addr: u64) -> Vec<u8> {
             kind: RecordKind::Free as u16,
             tgid: pid,
             tid,
-            _reserved: 0,
+            sample_shift: 0,
             ts_ns,
         },
         addr,
@@ -744,6 +748,7 @@ mod tests {
             func: AllocFn::Malloc,
             old_addr: None,
             stack: vec![0x401000, 0x402000],
+            sample_shift: 0,
         }
     }
 
@@ -760,7 +765,7 @@ mod tests {
             kind: kind as u16,
             tgid,
             tid,
-            _reserved: 0,
+            sample_shift: 0,
             ts_ns: 100,
         }
     }
@@ -856,7 +861,7 @@ mod fuzz {
             kind,
             tgid: 7,
             tid: 7,
-            _reserved: 0,
+            sample_shift: 0,
             ts_ns: 100,
         };
         // SAFETY: a `#[repr(C)]` record of integers, viewed as its bytes.

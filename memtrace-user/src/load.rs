@@ -18,7 +18,7 @@ use memtrace_common::{
     AllocFn, Budget, Counter, EXP_DRAWS, MAX_ALLOCATOR_RANGES, PyConfig, SampleCounter,
 };
 
-use crate::attach::{LibKind, Library, Site, display_name, sites_of};
+use crate::attach::{Found, LibKind, Library, Site, display_name, sites_of};
 use crate::error::{Result, UserError};
 use crate::report::{LostSite, Probes, ProgramCost};
 use crate::tracefs;
@@ -215,7 +215,7 @@ struct SampledMaps {
     options: Sampling,
     live: BpfHashMap<MapData, [u64; 2], u64>,
     ranges: BpfHashMap<MapData, u32, [u64; 2 * MAX_ALLOCATOR_RANGES]>,
-    budgets: BpfHashMap<MapData, u32, [u64; 4]>,
+    budgets: BpfHashMap<MapData, u32, [u64; BUDGET_WORDS]>,
     counts: PerCpuArray<MapData, u64>,
     /// Probes by process, so that one process's can be removed.
     links: HashMap<u32, Vec<Link>>,
@@ -224,6 +224,9 @@ struct SampledMaps {
     /// Every map's name and a descriptor of it, for the session programs.
     map_fds: Vec<(String, OwnedFd)>,
 }
+
+/// Size of a [`Budget`] in 8-byte words.
+const BUDGET_WORDS: usize = std::mem::size_of::<Budget>() / 8;
 
 /// Size of a `PyConfig` in 8-byte words.
 const PY_CONFIG_WORDS: usize = std::mem::size_of::<PyConfig>() / 8;
@@ -447,40 +450,41 @@ impl Tracer {
             Some(p) => UProbeScope::OneProcess(p),
             None => UProbeScope::AllProcesses,
         };
+        // Every program these sites need is loaded (verified) before the
+        // first probe goes live: alloc_exit alone takes the verifier 0.6-3 s,
+        // and an entry probe live that long without its return probe fills a
+        // running target's in-flight stack with calls that never pop.
+        for site in &found.sites {
+            for name in Self::programs_of(site, lib) {
+                load_uprobe(&mut self.ebpf, name)?;
+            }
+        }
         let mut functions = Vec::new();
         for site in &found.sites {
             self.attach_site(site, lib, scope)?;
-            let mut name = display_name(&site.want.symbol).into_owned();
-            for a in &site.aliases {
-                name.push('=');
-                name.push_str(&display_name(a));
-            }
-            // Probed past the entry, at an instruction the kernel emulates.
-            if site.probe != site.offset {
-                name.push_str(&format!("+{}", site.probe - site.offset));
-            }
-            functions.push(name);
+            functions.push(probe_name(site));
         }
-        Ok(Probes {
-            module: lib.display.clone(),
-            allocators: found.allocators.iter().map(|a| a.to_string()).collect(),
-            pids: pid.into_iter().collect(),
-            functions,
-            missing: found
-                .missing
-                .iter()
-                .map(|m| display_name(m).into_owned())
-                .collect(),
-        })
+        Ok(probes_of(lib, &found, pid.into_iter().collect(), functions))
+    }
+
+    /// The programs on `site`, in attach order: the return probe before the
+    /// entry probe. A call whose entry is seen then always has its return
+    /// seen too (the kernel hijacks the return address at the entry trap
+    /// once any return consumer is registered); the other order leaves,
+    /// for every call made between the two attaches, an in-flight entry that
+    /// nothing pops, and each later call at or below its stack pointer is
+    /// taken for a nested call (silenced) or overflows the stack
+    /// (`inflight_full`). A return seen without its entry is only counted.
+    fn programs_of(site: &Site, lib: &Library) -> Vec<&'static str> {
+        match (lib.kind, site.want.func) {
+            (LibKind::Loader, _) => vec![LOADER_READY],
+            (_, None) => vec!["free_enter"],
+            (_, Some(f)) => vec![ALLOC_EXIT, entry_program(f)],
+        }
     }
 
     fn attach_site(&mut self, site: &Site, lib: &Library, scope: UProbeScope) -> Result<()> {
-        let names: Vec<&str> = match (lib.kind, site.want.func) {
-            (LibKind::Loader, _) => vec![LOADER_READY],
-            (_, None) => vec!["free_enter"],
-            (_, Some(f)) => vec![entry_program(f), ALLOC_EXIT],
-        };
-        for name in names {
+        for name in Self::programs_of(site, lib) {
             let link = attach_uprobe(&mut self.ebpf, name, site, lib, scope)?;
             self.links.push(link);
         }
@@ -684,15 +688,6 @@ impl SampledMaps {
     }
 }
 
-/// What the sampled tier counted, host-wide, and per process.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SampleLedger {
-    /// By [`SampleCounter`], summed over CPUs.
-    pub counters: Vec<(SampleCounter, u64)>,
-    /// Per process: samples dropped by its budget, and their bytes.
-    pub budget_dropped: Vec<(u32, u64, u64)>,
-}
-
 impl Tracer {
     fn sampled_mut(&mut self) -> Result<&mut SampledMaps> {
         self.sampled
@@ -716,13 +711,9 @@ impl Tracer {
             .iter()
             .filter(|s| !(s.want.func == Some(AllocFn::Reallocarray) && has_realloc))
             .collect();
-        let sessions = match self.sampled_mut()?.sessions() {
-            Ok(_) => Ok(()),
-            Err(e) => Err(e),
-        };
-        let mut mode = match &sessions {
-            Ok(()) => ProbeMode::Sessions,
-            Err(why) => ProbeMode::EntryAndReturn(why.clone()),
+        let mut mode = match self.sampled_mut()?.sessions() {
+            Ok(_) => ProbeMode::Sessions,
+            Err(why) => ProbeMode::EntryAndReturn(why),
         };
         let mut links = Vec::new();
         let mut functions = Vec::new();
@@ -742,7 +733,7 @@ impl Tracer {
                 match attached {
                     Ok(fd) => {
                         links.push(Link::Session(fd));
-                        functions.push(display_name(&site.want.symbol).into_owned());
+                        functions.push(probe_name(site));
                         continue;
                     }
                     // A process gone is not a reason to give up sessions.
@@ -785,25 +776,14 @@ impl Tracer {
                     scope,
                 )?));
             }
-            functions.push(display_name(&site.want.symbol).into_owned());
+            functions.push(probe_name(site));
         }
         self.sampled_mut()?
             .links
             .entry(pid)
             .or_default()
             .extend(links);
-        let probes = Probes {
-            module: lib.display.clone(),
-            allocators: found.allocators.iter().map(|a| a.to_string()).collect(),
-            pids: vec![pid],
-            functions,
-            missing: found
-                .missing
-                .iter()
-                .map(|m| display_name(m).into_owned())
-                .collect(),
-        };
-        Ok((probes, mode))
+        Ok((probes_of(lib, &found, vec![pid], functions), mode))
     }
 
     /// Tells the sampled tier where process `pid`'s allocator code is, so
@@ -836,60 +816,86 @@ impl Tracer {
         for &a in addrs {
             let _ = s.live.remove(&[u64::from(pid), a]);
         }
+        // Its budget state stays: its losses count for its whole life, and
+        // a process sampled again starts at the thinning it had.
         let _ = s.ranges.remove(&pid);
-        let _ = s.budgets.remove(&pid);
     }
 
-    /// Forgets the sampled blocks of a process that exited.
+    /// Forgets sampled blocks `addrs` of process `pid` (it exec'd: its new
+    /// address space holds none of them).
     pub fn forget_samples(&mut self, pid: u32, addrs: &[u64]) {
         if let Some(s) = self.sampled.as_mut() {
             for &a in addrs {
                 let _ = s.live.remove(&[u64::from(pid), a]);
             }
+        }
+    }
+
+    /// Process `pid`'s budget state: its thinning and its losses.
+    pub fn budget(&self, pid: u32) -> Option<Budget> {
+        let w = self.sampled.as_ref()?.budgets.get(&pid, 0).ok()?;
+        Some(Budget {
+            window_ns: w[0],
+            used: w[1],
+            shift: w[2],
+            max_shift: w[3],
+            thinned: w[4],
+            table_full: w[5],
+        })
+    }
+
+    /// [`Tracer::budget`], and forgets it (the process exited).
+    pub fn take_budget(&mut self, pid: u32) -> Option<Budget> {
+        let b = self.budget(pid);
+        if let Some(s) = self.sampled.as_mut() {
             let _ = s.budgets.remove(&pid);
         }
+        b
     }
 
-    /// The processes whose allocations are sampled now.
-    pub fn sampled_pids(&self) -> Vec<u32> {
-        let mut out: Vec<u32> = self
-            .sampled
-            .as_ref()
-            .map(|s| s.links.keys().copied().collect())
-            .unwrap_or_default();
-        out.sort_unstable();
-        out
-    }
-
-    /// The sampled tier's counters and per-process budget drops.
-    pub fn sample_ledger(&self) -> SampleLedger {
-        let Some(s) = self.sampled.as_ref() else {
-            return SampleLedger::default();
-        };
-        let counters = SampleCounter::ALL
+    /// The sampled tier's counters, summed over CPUs (zeros in exact mode).
+    pub fn sample_counters(&self) -> Vec<(SampleCounter, u64)> {
+        SampleCounter::ALL
             .iter()
-            .map(|c| (*c, summed(&s.counts, *c as u32)))
-            .collect();
-        let mut budget_dropped: Vec<(u32, u64, u64)> = s
-            .budgets
-            .iter()
-            .filter_map(|e| e.ok())
-            .filter(|(_, b)| b[2] > 0)
-            .map(|(pid, b)| {
-                let b = Budget {
-                    window_ns: b[0],
-                    used: b[1],
-                    dropped: b[2],
-                    dropped_bytes: b[3],
-                };
-                (pid, b.dropped, b.dropped_bytes)
+            .map(|c| {
+                (
+                    *c,
+                    self.sampled
+                        .as_ref()
+                        .map_or(0, |s| summed(&s.counts, *c as u32)),
+                )
             })
-            .collect();
-        budget_dropped.sort_unstable();
-        SampleLedger {
-            counters,
-            budget_dropped,
-        }
+            .collect()
+    }
+}
+
+/// A probed function as probe lists name it: its symbol, the other names
+/// at its address (`=alias`), and `+N` when probed past its entry at an
+/// instruction the kernel emulates.
+fn probe_name(site: &Site) -> String {
+    let mut name = display_name(&site.want.symbol).into_owned();
+    for a in &site.aliases {
+        name.push('=');
+        name.push_str(&display_name(a));
+    }
+    if site.probe != site.offset {
+        name.push_str(&format!("+{}", site.probe - site.offset));
+    }
+    name
+}
+
+/// The probe list entry of `lib`'s `found` functions.
+fn probes_of(lib: &Library, found: &Found, pids: Vec<u32>, functions: Vec<String>) -> Probes {
+    Probes {
+        module: lib.display.clone(),
+        allocators: found.allocators.iter().map(|a| a.to_string()).collect(),
+        pids,
+        functions,
+        missing: found
+            .missing
+            .iter()
+            .map(|m| display_name(m).into_owned())
+            .collect(),
     }
 }
 
@@ -897,6 +903,20 @@ impl Tracer {
 /// unreadable).
 fn summed(counts: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
     counts.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
+/// Loads (and has the kernel verify) uprobe program `name` unless it is
+/// already: at the first library that needs it, so a program for functions no
+/// probed library has costs no attach time, but before any of that library's
+/// probes is attached (see [`Tracer::attach`]).
+fn load_uprobe(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    let prog: &mut UProbe = program(ebpf, name)?
+        .try_into()
+        .map_err(|e| internal(name, e))?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| load_error(name, &e))?;
+    }
+    Ok(())
 }
 
 /// Attaches program `name` at `site`'s probe point.
@@ -907,14 +927,10 @@ fn attach_uprobe(
     lib: &Library,
     scope: UProbeScope,
 ) -> Result<UProbeLink> {
+    load_uprobe(ebpf, name)?;
     let prog: &mut UProbe = program(ebpf, name)?
         .try_into()
         .map_err(|e| internal(name, e))?;
-    // Loaded (and verified) at its first probe: a program for functions no
-    // probed library has costs no attach time.
-    if prog.fd().is_err() {
-        prog.load().map_err(|e| load_error(name, &e))?;
-    }
     let id = prog.attach(site.probe, &lib.path, scope).map_err(|e| {
         // A pid-scoped probe fails once its process is gone: say that, not
         // that the kernel lacks uprobes.

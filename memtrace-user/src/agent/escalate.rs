@@ -111,13 +111,6 @@ impl Escalator {
         self.procs.get(&pid).is_some_and(|h| h.escalated.is_some())
     }
 
-    /// The fitted growth of `pid`'s RSS, bytes per second, once its history
-    /// covers half the window with at least three points.
-    pub fn slope(&self, pid: u32) -> Option<f64> {
-        let h = self.procs.get(&pid)?;
-        fitted_slope(&h.points, self.policy.window / 2.0)
-    }
-
     /// The decisions at time `t`, for the processes observed.
     pub fn decide(&mut self, t: f64) -> Vec<Decision> {
         let policy = self.policy;

@@ -56,21 +56,46 @@ pub struct Totals {
     pub live_count: f64,
     /// Live bytes they stand for.
     pub live_bytes: f64,
+    /// Estimated variances of `alloc_count`, `alloc_bytes`, `live_count`
+    /// and `live_bytes` ([`weight::variances`]).
+    pub variance: [f64; 4],
 }
 
 impl Totals {
-    fn add(&mut self, count: f64, bytes: f64) {
+    fn add(&mut self, s: &LiveSample) {
         self.samples += 1;
-        self.alloc_count += count;
-        self.alloc_bytes += bytes;
-        self.live_count += count;
-        self.live_bytes += bytes;
+        self.alloc_count += s.count;
+        self.alloc_bytes += s.bytes;
+        self.live_count += s.count;
+        self.live_bytes += s.bytes;
+        let [vc, vb] = s.variance;
+        self.variance = [
+            self.variance[0] + vc,
+            self.variance[1] + vb,
+            self.variance[2] + vc,
+            self.variance[3] + vb,
+        ];
     }
 
-    fn release(&mut self, count: f64, bytes: f64) {
+    fn release(&mut self, s: &LiveSample) {
         // Sums of floats drift: never below zero.
-        self.live_count = (self.live_count - count).max(0.0);
-        self.live_bytes = (self.live_bytes - bytes).max(0.0);
+        self.live_count = (self.live_count - s.count).max(0.0);
+        self.live_bytes = (self.live_bytes - s.bytes).max(0.0);
+        self.variance[2] = (self.variance[2] - s.variance[0]).max(0.0);
+        self.variance[3] = (self.variance[3] - s.variance[1]).max(0.0);
+    }
+
+    fn clear_live(&mut self) {
+        self.live_count = 0.0;
+        self.live_bytes = 0.0;
+        self.variance[2] = 0.0;
+        self.variance[3] = 0.0;
+    }
+
+    /// The standard errors of `alloc_count`, `alloc_bytes`, `live_count`
+    /// and `live_bytes`.
+    pub fn std_errors(&self) -> [f64; 4] {
+        self.variance.map(f64::sqrt)
     }
 }
 
@@ -106,6 +131,8 @@ struct LiveSample {
     stack: u32,
     count: f64,
     bytes: f64,
+    /// Its share of the variances of counts and bytes.
+    variance: [f64; 2],
 }
 
 /// One process's estimates.
@@ -129,6 +156,14 @@ pub struct ProcessEstimate {
     pub exited: bool,
     /// Sampling stopped (backed off); live estimates were dropped then.
     pub stopped: bool,
+    /// The highest thinning shift of its samples: under its budget, one
+    /// sample point in `2^max_shift` was kept at times (weighed for).
+    pub max_shift: u32,
+    /// The kernel side's state of its sampling: thinning, and samples lost
+    /// to a full table (set by the agent, [`Estimates::note_kernel`]).
+    pub budget: memtrace_common::Budget,
+    /// Its samples the full ring buffer dropped (set by the agent).
+    pub ring_lost: u64,
     live: HashMap<u64, LiveSample>,
     stack_ids: HashMap<Box<[u64]>, u32>,
     overflow: Option<u32>,
@@ -172,6 +207,41 @@ impl ProcessEstimate {
     pub fn is_overflow(&self, id: usize) -> bool {
         self.overflow == Some(id as u32)
     }
+
+    /// Samples lost before they reached the estimates, not weighed for:
+    /// the estimates are short by what they stood for.
+    pub fn samples_lost(&self) -> u64 {
+        self.budget.table_full + self.ring_lost
+    }
+
+    /// One line of `key=value` pairs: the estimates with their standard
+    /// errors, the thinning the budget applied (weighed for: no bias), and
+    /// what was lost (`complete=no` then).
+    pub fn summary(&self) -> String {
+        let t = &self.totals;
+        let [ec, eb, elc, elb] = t.std_errors();
+        format!(
+            "alloc_bytes={:.0}±{eb:.0} alloc_count={:.0}±{ec:.0} live_bytes={:.0}±{elb:.0} \
+             live_count={:.0}±{elc:.0} samples={} max_shift={} thinned={} table_full={} \
+             ring_lost={} unknown_frees={} stacks_over_cap={} complete={}",
+            t.alloc_bytes,
+            t.alloc_count,
+            t.live_bytes,
+            t.live_count,
+            t.samples,
+            self.max_shift.max(self.budget.max_shift as u32),
+            self.budget.thinned,
+            self.budget.table_full,
+            self.ring_lost,
+            self.unknown_frees,
+            self.stacks_over_cap,
+            if self.samples_lost() == 0 && !self.stopped {
+                "yes"
+            } else {
+                "no"
+            },
+        )
+    }
 }
 
 /// Every process's estimates.
@@ -195,11 +265,6 @@ impl Estimates {
         }
     }
 
-    /// The mean interval.
-    pub fn mean(&self) -> u64 {
-        self.mean
-    }
-
     /// Applies one record: a sample, a forwarded free, an exit.
     pub fn on_event(&mut self, ev: &Event) {
         match ev {
@@ -210,7 +275,8 @@ impl Estimates {
                     self.processes_over_cap += 1;
                     return;
                 }
-                let (count, bytes) = weight::weights(a.size, self.mean);
+                let (count, bytes) = weight::weights(a.size, self.mean, a.sample_shift);
+                let (vc, vb) = weight::variances(a.size, self.mean, a.sample_shift);
                 let cap = self.limits.stacks;
                 let p = self
                     .processes
@@ -219,9 +285,16 @@ impl Estimates {
                         pid: a.pid,
                         ..ProcessEstimate::default()
                     });
+                p.max_shift = p.max_shift.max(a.sample_shift);
                 let stack = p.stack_id(&a.stack, cap);
-                p.stacks[stack as usize].totals.add(count, bytes);
-                p.totals.add(count, bytes);
+                let sample = LiveSample {
+                    stack,
+                    count,
+                    bytes,
+                    variance: [vc, vb],
+                };
+                p.stacks[stack as usize].totals.add(&sample);
+                p.totals.add(&sample);
                 let bucket = SIZE_BUCKETS
                     .iter()
                     .position(|&b| a.size <= b)
@@ -229,18 +302,9 @@ impl Estimates {
                 p.size_buckets[bucket] += count;
                 // A block handed out again while we thought it live: its
                 // free was lost; it is not live twice.
-                if let Some(old) = p.live.insert(
-                    a.addr,
-                    LiveSample {
-                        stack,
-                        count,
-                        bytes,
-                    },
-                ) {
-                    p.stacks[old.stack as usize]
-                        .totals
-                        .release(old.count, old.bytes);
-                    p.totals.release(old.count, old.bytes);
+                if let Some(old) = p.live.insert(a.addr, sample) {
+                    p.stacks[old.stack as usize].totals.release(&old);
+                    p.totals.release(&old);
                 }
             }
             Event::Free { pid, addr, .. } => {
@@ -249,8 +313,8 @@ impl Estimates {
                 };
                 match p.live.remove(addr) {
                     Some(s) => {
-                        p.stacks[s.stack as usize].totals.release(s.count, s.bytes);
-                        p.totals.release(s.count, s.bytes);
+                        p.stacks[s.stack as usize].totals.release(&s);
+                        p.totals.release(&s);
                     }
                     None => p.unknown_frees += 1,
                 }
@@ -266,10 +330,9 @@ impl Estimates {
                     p.exited = true;
                 }
             }
-            // An exec's new address space holds none of the old blocks.
-            Event::Exec { pid, .. } => {
-                self.drop_live(*pid);
-            }
+            // An exec's new address space holds none of the old blocks: the
+            // caller drops them with `drop_live`, which says which they were
+            // (the kernel side's table forgets them too).
             _ => {}
         }
     }
@@ -292,11 +355,9 @@ impl Estimates {
         };
         let addrs = p.live_addresses();
         p.live.clear();
-        p.totals.live_count = 0.0;
-        p.totals.live_bytes = 0.0;
+        p.totals.clear_live();
         for s in &mut p.stacks {
-            s.totals.live_count = 0.0;
-            s.totals.live_bytes = 0.0;
+            s.totals.clear_live();
         }
         addrs
     }
@@ -343,6 +404,20 @@ impl Estimates {
         self.processes.get(&pid)
     }
 
+    /// Keeps the kernel side's figures of process `pid`: its budget state
+    /// and its samples the ring buffer dropped.
+    pub fn note_kernel(&mut self, pid: u32, budget: memtrace_common::Budget, ring_lost: u64) {
+        if let Some(p) = self.processes.get_mut(&pid) {
+            p.budget = budget;
+            p.ring_lost = ring_lost;
+        }
+    }
+
+    /// Forgets process `pid` now (its pid was reused).
+    pub fn remove(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+    }
+
     /// Removes the processes that exited and returns them (after their
     /// last export).
     pub fn take_exited(&mut self) -> Vec<ProcessEstimate> {
@@ -375,6 +450,7 @@ mod tests {
             func: AllocFn::Malloc,
             old_addr: None,
             stack: stack.to_vec(),
+            sample_shift: 0,
         })
     }
 
@@ -397,7 +473,7 @@ mod tests {
         let mut e = Estimates::new(mean, LIMITS);
         e.on_event(&alloc(1, 0x10, 100, &[1, 2]));
         e.on_event(&alloc(1, 0x20, 1 << 20, &[3]));
-        let (c, b) = weight::weights(100, mean);
+        let (c, b) = weight::weights(100, mean, 0);
         let p = e.process(1).unwrap();
         assert_eq!(p.stacks.len(), 2);
         assert_eq!(p.stacks[0].totals.alloc_bytes, b);
@@ -414,6 +490,38 @@ mod tests {
         // 100 B is in the 256 B bucket; 1 MiB in the 1 MiB one.
         assert_eq!(p.size_buckets[2], c);
         assert_eq!(p.size_buckets[8], 1.0);
+    }
+
+    #[test]
+    fn a_thinned_sample_weighs_for_the_thinned_and_states_its_error() {
+        let mut e = Estimates::new(1024, LIMITS);
+        let Event::Alloc(mut a) = alloc(1, 0x10, 100, &[1]) else {
+            unreachable!()
+        };
+        a.sample_shift = 3;
+        e.on_event(&Event::Alloc(a));
+        let p = e.process(1).unwrap();
+        let (c, b) = weight::weights(100, 1024, 0);
+        assert!((p.totals.alloc_bytes - 8.0 * b).abs() < 1e-6);
+        assert!((p.totals.alloc_count - 8.0 * c).abs() < 1e-9);
+        assert_eq!(p.max_shift, 3);
+        let (_, vb) = weight::variances(100, 1024, 3);
+        assert_eq!(p.totals.std_errors()[1], vb.sqrt());
+        assert_eq!(p.totals.std_errors()[3], vb.sqrt());
+        e.on_event(&free(1, 0x10));
+        let p = e.process(1).unwrap();
+        assert_eq!(p.totals.std_errors()[3], 0.0);
+        assert_eq!(p.totals.std_errors()[1], vb.sqrt());
+        assert!(p.summary().contains(" max_shift=3 "), "{}", p.summary());
+        assert!(p.summary().ends_with(" complete=yes"), "{}", p.summary());
+        let budget = memtrace_common::Budget {
+            table_full: 2,
+            ..Default::default()
+        };
+        e.note_kernel(1, budget, 1);
+        let p = e.process(1).unwrap();
+        assert_eq!(p.samples_lost(), 3);
+        assert!(p.summary().ends_with(" complete=no"), "{}", p.summary());
     }
 
     #[test]

@@ -259,6 +259,11 @@ impl HostTier {
         out
     }
 
+    /// Forgets process `pid` now (its pid was reused).
+    pub fn remove(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+    }
+
     /// Removes the processes that exited, after their last export.
     pub fn take_exited(&mut self) -> Vec<u32> {
         let gone: Vec<u32> = self

@@ -29,6 +29,15 @@ pub struct Heap {
     pub alloc_count: f64,
     /// Samples taken.
     pub samples: u64,
+    /// Estimated variances of `alloc_count`, `alloc_bytes`, `live_count`,
+    /// `live_bytes` (their standard errors squared).
+    pub variance: [f64; 4],
+    /// The thinning shift of the process's sample points now (its budget).
+    pub thinning_shift: u64,
+    /// Sample points thinned away (weighed for by the kept ones).
+    pub thinned: u64,
+    /// Samples lost (table full, ring buffer full): not weighed for.
+    pub samples_lost: u64,
     /// Estimated allocations per size bucket ([`SIZE_BUCKETS`], then +Inf).
     pub size_buckets: [f64; SIZE_BUCKETS.len() + 1],
 }
@@ -96,6 +105,12 @@ impl Row {
             mine.alloc_bytes += h.alloc_bytes;
             mine.alloc_count += h.alloc_count;
             mine.samples += h.samples;
+            for (a, b) in mine.variance.iter_mut().zip(h.variance) {
+                *a += b;
+            }
+            mine.thinning_shift = mine.thinning_shift.max(h.thinning_shift);
+            mine.thinned += h.thinned;
+            mine.samples_lost += h.samples_lost;
             for (a, b) in mine.size_buckets.iter_mut().zip(h.size_buckets) {
                 *a += b;
             }
@@ -155,12 +170,21 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Keeps the `k` processes with the most memory (resident plus
-    /// estimated heap) and adds the rest up into one `pid="other"` row.
-    pub fn top(mut rows: Vec<Row>, k: usize, health: Health) -> Self {
-        rows.sort_by(|a, b| b.weight().total_cmp(&a.weight()).then(a.pid.cmp(&b.pid)));
-        if rows.len() > k {
-            let rest = rows.split_off(k);
+    /// Keeps every sampled process and the `k` others with the most memory
+    /// (resident plus estimated heap), and adds the rest up into one
+    /// `pid="other"` row: a sampled process's estimates always keep their
+    /// own series.
+    pub fn top(rows: Vec<Row>, k: usize, health: Health) -> Self {
+        let (mut rows, mut others): (Vec<Row>, Vec<Row>) = rows
+            .into_iter()
+            .partition(|r| r.heap.is_some() || r.sampling.is_some());
+        let by_weight =
+            |a: &Row, b: &Row| b.weight().total_cmp(&a.weight()).then(a.pid.cmp(&b.pid));
+        others.sort_by(by_weight);
+        let rest = others.split_off(k.min(others.len()));
+        rows.extend(others);
+        rows.sort_by(by_weight);
+        if !rest.is_empty() {
             let mut other = Row {
                 pid: "other".into(),
                 comm: "other".into(),
@@ -218,6 +242,21 @@ impl Collector for Snapshot {
                 "1 while the process's allocations are sampled (label reason)",
                 |r| r.sampling.map(|_| 1.0),
             ),
+            (
+                "heap_live_bytes_stderr",
+                "Standard error of heap_live_bytes (the estimate is unbiased; within 2 of these 95% of the time)",
+                |r| r.heap.as_ref().map(|h| h.variance[3].sqrt()),
+            ),
+            (
+                "heap_allocated_bytes_stderr",
+                "Standard error of heap_allocated_bytes",
+                |r| r.heap.as_ref().map(|h| h.variance[1].sqrt()),
+            ),
+            (
+                "heap_sample_thinning_shift",
+                "Over its sample budget, the process keeps one sample point in 2^this (weighed for: no bias)",
+                |r| r.heap.as_ref().map(|h| h.thinning_shift as f64),
+            ),
         ];
         for (name, help, value) in gauges {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
@@ -259,6 +298,16 @@ impl Collector for Snapshot {
             ("heap_samples", "Allocation samples taken", |r| {
                 r.heap.as_ref().map(|h| h.samples as f64)
             }),
+            (
+                "heap_samples_thinned",
+                "Sample points thinned away by the process's budget (the kept samples weigh for them)",
+                |r| r.heap.as_ref().map(|h| h.thinned as f64),
+            ),
+            (
+                "heap_samples_lost",
+                "Samples lost (table or ring buffer full): the heap estimates are short by what they stood for",
+                |r| r.heap.as_ref().map(|h| h.samples_lost as f64),
+            ),
             (
                 "page_faults",
                 "Page faults that made memory resident",
@@ -464,6 +513,19 @@ mod tests {
         assert_eq!(pids, ["2", "3", "other"]);
         assert_eq!(s.rows[2].rss[1], 15);
         assert_eq!(s.rows[2].faults, 2);
+    }
+
+    /// A sampled process keeps its own series however small it is.
+    #[test]
+    fn a_sampled_process_is_never_other() {
+        let mut small = row(4, 5);
+        small.heap = Some(Heap::default());
+        small.sampling = Some("selected");
+        let rows = vec![row(1, 10), row(2, 30), row(3, 20), small];
+        let s = Snapshot::top(rows, 2, Health::default());
+        let pids: Vec<&str> = s.rows.iter().map(|r| r.pid.as_str()).collect();
+        assert_eq!(pids, ["2", "3", "4", "other"]);
+        assert_eq!(s.rows[3].rss[1], 10);
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub mod profiles;
 pub mod select;
 pub mod weight;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, RingBuf};
@@ -88,6 +88,8 @@ struct Agent {
     selector: Selector,
     ids: HashMap<u32, Identity>,
     sampled: HashMap<u32, Why>,
+    /// Every process sampled since the start (the ones that exited too).
+    sampled_ever: HashSet<u32>,
     /// Processes found to have no allocator to probe (not tried again).
     unprobeable: HashMap<u32, String>,
     /// Processes first seen since the last check (looked at for selection).
@@ -164,10 +166,7 @@ impl Agent {
                 self.unprobeable.remove(pid);
                 // A new program maps other libraries: probe it anew.
                 if let Some(why) = self.sampled.get(pid).copied() {
-                    self.tracer.stop_sampling(*pid, &[]);
-                    self.tracer.unwind_by_frame_pointers(*pid);
-                    self.unwinder.forget(*pid);
-                    self.sampled.remove(pid);
+                    self.stop_sampling(*pid);
                     self.start_sampling(*pid, why);
                 } else {
                     self.new_pids.push(*pid);
@@ -186,6 +185,9 @@ impl Agent {
             Event::Exit { pid, .. } => {
                 self.host.on_event(&ev);
                 self.est.on_event(&ev);
+                if self.est.process(*pid).is_some() {
+                    self.note_kernel(*pid, true);
+                }
                 self.esc.forget(*pid);
                 self.unwinder.forget(*pid);
                 self.unprobeable.remove(pid);
@@ -196,6 +198,7 @@ impl Agent {
                         .map(|p| p.live_addresses())
                         .unwrap_or_default();
                     self.tracer.stop_sampling(*pid, &addrs);
+                    self.tracer.unwind_by_frame_pointers(*pid);
                 }
             }
             Event::Loaded { .. } | Event::Fork { .. } => {}
@@ -208,15 +211,14 @@ impl Agent {
         if !self.ids.contains_key(&pid) {
             return;
         }
-        let exit = Event::Exit { pid, ts_ns: 0 };
-        self.host.on_event(&exit);
-        self.est.on_event(&exit);
-        self.host.take_exited();
-        self.est.take_exited();
+        self.stop_sampling(pid);
+        // Only this pid's: the other exited processes wait for their last
+        // profile.
+        self.host.remove(pid);
+        self.est.remove(pid);
         self.esc.forget(pid);
-        if self.sampled.remove(&pid).is_some() {
-            self.tracer.stop_sampling(pid, &[]);
-        }
+        self.unwinder.forget(pid);
+        self.unprobeable.remove(&pid);
         self.ids.remove(&pid);
         self.symbols.forget(pid);
     }
@@ -299,10 +301,45 @@ impl Agent {
             return;
         }
         self.est.resume(pid);
+        self.sampled_ever.insert(pid);
         eprintln!(
             "memtrace agent: sampling PID {pid} ({comm}, {}): {}",
             why.name(),
             probed.join("; ")
+        );
+    }
+
+    /// Copies the kernel side's figures of process `pid` (its budget
+    /// state, its samples dropped by the ring) into its estimates; forgets
+    /// the kernel's state of an `exited` one.
+    fn note_kernel(&mut self, pid: u32, exited: bool) {
+        let budget = if exited {
+            self.tracer.take_budget(pid)
+        } else {
+            self.tracer.budget(pid)
+        };
+        let ring_lost = self
+            .tracer
+            .lost_sites()
+            .iter()
+            .filter(|l| l.pid == pid && l.site != 0)
+            .map(|l| l.count)
+            .sum();
+        self.est
+            .note_kernel(pid, budget.unwrap_or_default(), ring_lost);
+    }
+
+    /// Says on standard error what process `pid`'s estimates came to.
+    fn print_estimate(&self, p: &estimate::ProcessEstimate) {
+        let comm = self
+            .symbols
+            .comm(p.pid)
+            .or_else(|| self.ids.get(&p.pid).map(|i| i.comm.clone()))
+            .unwrap_or_default();
+        eprintln!(
+            "memtrace agent: estimate PID {} ({comm}): {}",
+            p.pid,
+            p.summary()
         );
     }
 
@@ -318,6 +355,10 @@ impl Agent {
     /// Every `--check-interval`: selection of new processes, escalation.
     fn check(&mut self) {
         let t = self.started.elapsed().as_secs_f64();
+        let sampled: Vec<u32> = self.sampled.keys().copied().collect();
+        for pid in sampled {
+            self.note_kernel(pid, false);
+        }
         for pid in std::mem::take(&mut self.new_pids) {
             if let Some(id) = self.ids.get(&pid)
                 && self.selector.matches(pid, id)
@@ -430,6 +471,7 @@ impl Agent {
         self.write_fault_profiles(until);
         self.period_from = until;
         for p in self.est.take_exited() {
+            self.print_estimate(&p);
             if !self.host.knows(p.pid) {
                 self.ids.remove(&p.pid);
                 self.symbols.forget(p.pid);
@@ -521,8 +563,8 @@ impl Agent {
             .filter(|(c, _)| *c != Counter::Calls)
             .map(|(c, v)| (c.name().to_string(), v))
             .collect();
-        for (c, v) in self.tracer.sample_ledger().counters {
-            if matches!(c, SampleCounter::TableFull | SampleCounter::BudgetDropped) {
+        for (c, v) in self.tracer.sample_counters() {
+            if matches!(c, SampleCounter::TableFull) {
                 out.push((c.name().to_string(), v));
             }
         }
@@ -576,6 +618,10 @@ impl Agent {
                         alloc_bytes: e.totals.alloc_bytes,
                         alloc_count: e.totals.alloc_count,
                         samples: e.totals.samples,
+                        variance: e.totals.variance,
+                        thinning_shift: e.budget.shift,
+                        thinned: e.budget.thinned,
+                        samples_lost: e.samples_lost(),
                         size_buckets: e.size_buckets,
                     }),
                     sampling: self.sampled.get(&p.pid).map(|w| w.name()),
@@ -603,8 +649,7 @@ impl Agent {
             profiles: self.sink.outcomes.get(),
             sampler: self
                 .tracer
-                .sample_ledger()
-                .counters
+                .sample_counters()
                 .into_iter()
                 .map(|(c, v)| (c.name().to_string(), v))
                 .collect(),
@@ -775,6 +820,7 @@ pub async fn run(args: AgentArgs) -> Result<i32> {
         selector,
         ids: HashMap::new(),
         sampled: HashMap::new(),
+        sampled_ever: HashSet::new(),
         unprobeable: HashMap::new(),
         new_pids: Vec::new(),
         decode_errors: 0,
@@ -865,7 +911,14 @@ pub async fn run(args: AgentArgs) -> Result<i32> {
         }
     }
     agent.drain(ring.get_mut(), backlog);
+    let sampled: Vec<u32> = agent.sampled.keys().copied().collect();
+    for pid in sampled {
+        agent.note_kernel(pid, false);
+    }
     agent.write_profiles();
+    for p in agent.est.processes() {
+        agent.print_estimate(p);
+    }
     let lost: Vec<String> = agent
         .losses()
         .iter()
@@ -875,7 +928,7 @@ pub async fn run(args: AgentArgs) -> Result<i32> {
         "memtrace agent: stopping after {:.1} s: {} records, {} processes sampled at some point ({} escalated, {} backed off); profiles written/failed/pushed/failed: {:?}; not seen: {}",
         agent.started.elapsed().as_secs_f64(),
         agent.records,
-        agent.est.processes().count(),
+        agent.sampled_ever.len(),
         agent.escalations,
         agent.backoffs,
         agent.sink.outcomes.get(),

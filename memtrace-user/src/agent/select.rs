@@ -110,11 +110,6 @@ pub struct Selector {
 }
 
 impl Selector {
-    /// Whether nothing is selected (only escalation samples).
-    pub fn is_empty(&self) -> bool {
-        self.comm.is_none() && self.cgroups.is_empty() && self.pids.is_empty()
-    }
-
     /// Whether process `pid`, called `id`, is selected.
     pub fn matches(&self, pid: u32, id: &Identity) -> bool {
         self.pids.contains(&pid)
@@ -192,6 +187,5 @@ mod tests {
         assert!(s.matches(1, &id("x", "/system.slice/app.service/sub")));
         assert!(!s.matches(1, &id("x", "/system.slice/app.service2")));
         assert!(s.matches(7, &id("x", "/")));
-        assert!(Selector::default().is_empty());
     }
 }

@@ -365,7 +365,7 @@ mod tests {
                 kind: memtrace_common::RecordKind::PyCode as u16,
                 tgid: 7,
                 tid: 7,
-                _reserved: 0,
+                sample_shift: 0,
                 ts_ns: 0,
             },
             code: 0x7000,

@@ -505,6 +505,8 @@ pub fn decode(
                     func,
                     old_addr,
                     stack: stack.1.to_vec(),
+                    // Recordings are of exact mode.
+                    sample_shift: 0,
                 }));
             }
             t if t & 0xf0 == KMEM => {
@@ -652,6 +654,7 @@ mod tests {
             },
             old_addr: old,
             stack: vec![0x5555_0000_1234, 0x5555_0000_1000, 0x7fff_0000_0001],
+            sample_shift: 0,
         })
     }
 

@@ -331,6 +331,7 @@ mod tests {
                 func: AllocFn::Malloc,
                 old_addr: None,
                 stack: vec![0x5000 + (i % 3), 0x6000],
+                sample_shift: 0,
             }));
             out.push(Event::Free {
                 pid: 7,
@@ -582,6 +583,7 @@ mod tests {
                 func: AllocFn::Malloc,
                 old_addr: None,
                 stack: vec![0x5000 + (i % 1000), 0x6000 + (i % 10), 0x7000],
+                sample_shift: 0,
             }));
             if i % 1_000_000 == 0 {
                 rec.flush(&mut NoSymbols, &Counters::default()).unwrap();

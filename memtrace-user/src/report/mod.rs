@@ -1080,6 +1080,7 @@ pub(crate) mod tests {
                 func: AllocFn::Malloc,
                 old_addr: None,
                 stack: stack.to_vec(),
+                sample_shift: 0,
             })
         };
         let events = [
