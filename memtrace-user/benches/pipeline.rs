@@ -47,6 +47,7 @@ fn stream() -> (Vec<Vec<u8>>, u64, u64) {
             func: AllocFn::Malloc,
             old_addr: None,
             stack,
+            sample_shift: 0,
         }));
         addrs.push_back(addr);
         allocs += 1;
