@@ -17,6 +17,9 @@
 //! - `libraries`: a container's libc (own root and mount namespace), and a
 //!   libc lacking optional functions.
 //! - `flood`: records dropped by a full ring buffer, counted by call site.
+//! - `oracle`: real programs (CPython, sqlite3, git, gcc, sort) traced by
+//!   memtrace and by an independent bpftrace script at once, compared per
+//!   process.
 //! - `python`: Python frames of a CPython interpreter, per Python line, and
 //!   CPython's own allocator against tracemalloc.
 //! - `shutdown`: SIGTERM's final report; SIGKILL leaves no program or probe;
@@ -29,6 +32,7 @@ mod errors;
 mod flood;
 mod forks;
 mod libraries;
+mod oracle;
 mod pid;
 mod python;
 mod recording;

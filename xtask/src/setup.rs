@@ -48,6 +48,11 @@ const TEST_PACKAGES: &[&str] = &[
     "libmimalloc2.0",
     // musl-gcc, for the fixtures built against musl.
     "musl-tools",
+    // The differential oracle (`tests/tests/oracle.rs`): the independent
+    // tracer, and programs of its corpus.
+    "bpftrace",
+    "sqlite3",
+    "git",
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";

@@ -6,6 +6,9 @@
 //!
 //! both with MEMTRACE_BIN pointing at the binary, ARGS passed to the test
 //! binaries, and both always run; it fails at the end if either failed.
+//! It prints the differential oracle's table (memtrace against an
+//! independent bpftrace count, per process of real programs) when that test
+//! ran.
 //!
 //! It does not gain privileges: the root integration tests skip when not
 //! root, unless MEMTRACE_REQUIRE_ROOT=1 makes them fail. It does not run
@@ -31,11 +34,17 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .arg("--")
             .args(args),
     )?;
+    let oracle_table = Path::new("target/oracle/table.txt");
+    let _ = std::fs::remove_file(oracle_table);
     let integration = status(
         test_command(&bin, &["memtrace-tests"])
             .args(["--", "--test-threads=1"])
             .args(args),
     )?;
+    // The differential oracle's table (tests/tests/oracle.rs), when it ran.
+    if let Ok(table) = std::fs::read_to_string(oracle_table) {
+        eprintln!("\nmemtrace against the independent oracle, per process:\n{table}");
+    }
 
     if !util::is_root() && std::env::var("MEMTRACE_REQUIRE_ROOT").as_deref() != Ok("1") {
         eprintln!(
