@@ -127,7 +127,7 @@ fn budget(tgid: u32, now: u64) -> Option<&'static mut Budget> {
 /// shift read is the one the coin used and the sample carries, so the
 /// weights stay exact whatever other CPUs do to the state meanwhile.
 #[inline(always)]
-fn thin(tgid: u32) -> Option<u32> {
+fn thin(tgid: u32, size: u64) -> Option<u32> {
     // SAFETY: as in `sampling`.
     let limit = unsafe { core::ptr::read_volatile(&BUDGET_PER_S) };
     if limit == 0 {
@@ -156,8 +156,16 @@ fn thin(tgid: u32) -> Option<u32> {
         }
     }
     let shift = (b.shift & 31) as u32;
+    // Kept with probability min(2^shift, 1 + size / SAMPLE_BYTES) / 2^shift
+    // (`weight::thinning` says the same): an allocation many intervals
+    // large is thinned less, or not at all, so a few large blocks do not
+    // hang on a coin each.
+    // SAFETY: as in `sampling`.
+    let mean = unsafe { core::ptr::read_volatile(&SAMPLE_BYTES) }.max(1);
+    let odds = 1 + size / mean;
     // SAFETY: helper without preconditions.
-    if shift > 0 && unsafe { bpf_get_prandom_u32() } & ((1u32 << shift) - 1) != 0 {
+    let draw = u64::from(unsafe { bpf_get_prandom_u32() } & ((1u32 << shift) - 1));
+    if shift > 0 && draw >= odds {
         b.thinned += 1;
         bump(SampleCounter::BudgetThinned);
         return None;
@@ -250,7 +258,7 @@ pub(crate) fn on_call<C: EbpfContext>(
         _ => {}
     }
     if take_sample(size)
-        && let Some(shift) = thin(tgid)
+        && let Some(shift) = thin(tgid, size)
     {
         flags |= SAMPLE_NEW | (shift << SAMPLE_SHIFT_AT);
     }

@@ -39,7 +39,17 @@ pub fn variances(size: u64, mean: u64, shift: u32) -> (f64, f64) {
 /// The probability that an allocation of `size` bytes became a sample kept
 /// with thinning shift `shift`.
 fn kept(size: u64, mean: u64, shift: u32) -> f64 {
-    probability(size.max(1), mean) * 0.5f64.powi(shift.min(63) as i32)
+    probability(size.max(1), mean) * thinning(size, mean, shift)
+}
+
+/// The probability that the kernel side keeps a sample point that fell in
+/// an allocation of `size` bytes, under thinning shift `shift`:
+/// `min(2^shift, 1 + size / mean) / 2^shift` (integer division, as there),
+/// so an allocation many intervals large is thinned less or not at all.
+pub fn thinning(size: u64, mean: u64, shift: u32) -> f64 {
+    let shift = shift.min(62);
+    let odds = (1 + size / mean.max(1)).min(1 << shift);
+    odds as f64 / (1u64 << shift) as f64
 }
 
 /// `n` draws of the distance in bytes to the next sample point (exponential
@@ -156,9 +166,10 @@ mod tests {
                     continue;
                 }
                 left = draws[(next() % 4096) as usize] as i64;
-                // The shift changes over the run, as a budget's does.
+                // The shift changes over the run, as a budget's does; the
+                // kernel side's coin.
                 let shift = (i / 5000) as u32;
-                if next() & ((1 << shift) - 1) != 0 {
+                if (next() & ((1 << shift) - 1)) >= 1 + s / mean {
                     continue;
                 }
                 est += weights(s, mean, shift).1;
