@@ -169,7 +169,7 @@ mod tests {
                 // The shift changes over the run, as a budget's does; the
                 // kernel side's coin.
                 let shift = (i / 5000) as u32;
-                if (next() & ((1 << shift) - 1)) >= 1 + s / mean {
+                if (next() & ((1 << shift) - 1)) > s / mean {
                     continue;
                 }
                 est += weights(s, mean, shift).1;
